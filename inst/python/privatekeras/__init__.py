@@ -1,0 +1,38 @@
+"""privatekeras: private predictions from Keras models with three-party computation.
+
+A model owner secret-shares a trained Keras model's weights among three workers, which serve
+private predictions; a client secret-shares its input and alone reconstructs the logits.
+
+    import privatekeras as pk
+    cluster = pk.Cluster(["localhost:4000", "localhost:4001", "localhost:4002"]).start()
+    shared = pk.share(model, cluster)        # in the model owner's process
+    shared.serve(num_requests=3)
+    # in another process:
+    client = pk.connect(cluster, input_shape=(1, 28, 28, 1), output_shape=(1, 10))
+    logits = client.query(x)
+"""
+
+from .client import Client, connect
+from .cluster import Cluster
+from .convert import SUPPORTED_LAYERS, convert
+from .errors import (ClusterError, InputError, KernelsMissingError, NotServingError,
+                     PortInUseError, PrivateKerasError, UnsupportedLayerError,
+                     WorkerUnavailableError)
+from .hook import KerasHook, TFECluster, TFEWorker
+from .serving import SharedModel, share
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cluster", "share", "SharedModel", "connect", "Client", "convert", "SUPPORTED_LAYERS",
+    "KerasHook", "TFEWorker", "TFECluster", "secure_randomness_active",
+    "PrivateKerasError", "ClusterError", "PortInUseError", "UnsupportedLayerError",
+    "InputError", "NotServingError", "WorkerUnavailableError", "KernelsMissingError",
+]
+
+
+def secure_randomness_active():
+    """True when TF Encrypted in this process draws randomness from our CSPRNG kernels."""
+    from .tfe_compat import secure_randomness_active as active
+
+    return active()
