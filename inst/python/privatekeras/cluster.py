@@ -194,7 +194,7 @@ class Cluster:
         for i in range(3):
             log = open(os.path.join(self._logdir, "worker{}.log".format(i)), "w")
             cmd = [sys.executable, "-m", "privatekeras.worker", "--hosts", ",".join(self.hosts),
-                   "--index", str(i), "--job", self.job_name]
+                   "--index", str(i), "--job", self.job_name, "--parent-pid", str(os.getpid())]
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
             log.close()

@@ -85,7 +85,8 @@ void FillUniform(KeystreamReader* stream, T minval, T maxval, T* out, int64_t n)
   // Words of 32 bits for types up to 32 bits, 64 bits for int64.
   using W = typename std::conditional<sizeof(T) <= 4, uint32_t, uint64_t>::type;
   using U = typename std::make_unsigned<T>::type;
-  const W range = static_cast<W>(static_cast<U>(maxval) - static_cast<U>(minval));
+  // Cast the difference back to U: for int8/int16 the subtraction is done in int.
+  const W range = static_cast<W>(static_cast<U>(static_cast<U>(maxval) - static_cast<U>(minval)));
   // 2^bits mod range, computed without overflow; accept w < 2^bits - rem, so
   // that every residue class mod range is hit equally often.
   const W rem = static_cast<W>(static_cast<W>(0) - range) % range;

@@ -1,0 +1,177 @@
+"""Shared fixtures: real Fashion-MNIST models, free ports, real processes, leak checks."""
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYDIR = os.path.join(ROOT, "inst", "python")
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
+sys.path.insert(0, PYDIR)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The stated tolerance for private vs plaintext logits (ABY3, 16 fractional bits; typical
+# errors seen are ~0.005).
+LOGIT_ATOL = 0.05
+N_IMAGES = 100
+
+
+def child_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [PYDIR, env.get("PYTHONPATH", "")] if p)
+    return env
+
+
+def _port_free(port):
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def free_hosts():
+    """Three free loopback ports as 'localhost:port' strings."""
+    while True:
+        base = random.randrange(20000, 40000, 3)
+        ports = [base, base + 1, base + 2]
+        if all(_port_free(p) for p in ports):
+            return ["localhost:{}".format(p) for p in ports]
+
+
+def worker_pids():
+    """PIDs of every running privatekeras worker process on this machine."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/{}/cmdline".format(entry), "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"privatekeras.worker" in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_workers():
+    """Every test must end all the worker processes it started, and free their ports."""
+    before = set(worker_pids())
+    yield
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and set(worker_pids()) - before:
+        time.sleep(0.2)
+    leaked = set(worker_pids()) - before
+    for pid in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leaked, "worker processes leaked: {}".format(sorted(leaked))
+
+
+def tutorial_cnn(keras, batch_size=None):
+    """The 2020 tutorial's CNN."""
+    L = keras.layers
+    return keras.Sequential([
+        keras.Input((28, 28, 1), batch_size=batch_size),
+        L.Conv2D(16, 3, padding="same"), L.AveragePooling2D(2), L.ReLU(),
+        L.Conv2D(32, 3, padding="same"), L.AveragePooling2D(2), L.ReLU(),
+        L.Conv2D(64, 3, padding="same"), L.AveragePooling2D(2), L.ReLU(),
+        L.Flatten(), L.Dense(10, name="logit"),
+    ], name="tutorial_cnn")
+
+
+def bn_maxpool_cnn(keras):
+    """A CNN with BatchNormalization, MaxPooling, 'valid' and strided convs and a softmax."""
+    L = keras.layers
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        L.Conv2D(8, 3, strides=2, padding="valid"), L.BatchNormalization(), L.ReLU(),
+        L.MaxPooling2D(2),
+        L.Conv2D(16, 3, padding="same", activation="relu"),
+        L.Flatten(), L.Dense(32), L.BatchNormalization(), L.Activation("relu"),
+        L.Dropout(0.2), L.Dense(10, activation="softmax"),
+    ], name="bn_maxpool_cnn")
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    from privatekeras.data import load_fashion_mnist
+
+    return load_fashion_mnist()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory, fashion):
+    """Trained models saved to disk, with test images and plaintext Keras logits."""
+    import keras
+
+    keras.utils.set_random_seed(1234)
+    (x_train, y_train), (x_test, y_test) = fashion
+    d = tmp_path_factory.mktemp("models")
+    images = x_test[:N_IMAGES]
+    np.save(d / "images.npy", images)
+    np.save(d / "labels.npy", y_test[:N_IMAGES])
+
+    cnn = tutorial_cnn(keras)
+    cnn.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cnn.fit(x_train[:12000], y_train[:12000], epochs=1, batch_size=64, verbose=0)
+    cnn.save(d / "tutorial.keras")
+    np.save(d / "tutorial_logits.npy", cnn.predict(images, batch_size=50, verbose=0))
+
+    bn = bn_maxpool_cnn(keras)
+    bn.compile("adam", keras.losses.SparseCategoricalCrossentropy())
+    bn.fit(x_train[:6000], y_train[:6000], epochs=1, batch_size=64, verbose=0)
+    bn.save(d / "bn.keras")
+    # Plaintext reference: the logits before the final softmax (Dropout is the identity at
+    # inference).
+    hidden = keras.Model(bn.inputs, bn.layers[-2].output).predict(images, batch_size=50, verbose=0)
+    kernel, bias = bn.layers[-1].get_weights()
+    np.save(d / "bn_logits.npy", hidden @ kernel + bias)
+    return d
+
+
+class Flow:
+    """A model-owner process and a client process, run to completion."""
+
+    def __init__(self, owner_args, client_args, timeout=420):
+        self.hosts = free_hosts()
+        h = ["--hosts", ",".join(self.hosts)]
+        py = sys.executable
+        self.owner = subprocess.Popen([py, os.path.join(SCRIPTS, "owner.py")] + h + owner_args,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=child_env())
+        self.client = subprocess.Popen([py, os.path.join(SCRIPTS, "client.py")] + h + client_args,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, env=child_env())
+        try:
+            self.client_out = self.client.communicate(timeout=timeout)[0]
+            self.owner_out = self.owner.communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:
+            for p in (self.client, self.owner):
+                p.kill()
+            self.client_out = self.client.communicate()[0]
+            self.owner_out = self.owner.communicate()[0]
+            raise AssertionError("flow timed out\nOWNER:\n{}\nCLIENT:\n{}".format(
+                self.owner_out[-3000:], self.client_out[-3000:]))
+
+    def check(self):
+        assert self.client.returncode == 0 and self.owner.returncode == 0, (
+            "owner rc={} client rc={}\nOWNER:\n{}\nCLIENT:\n{}".format(
+                self.owner.returncode, self.client.returncode, self.owner_out[-4000:],
+                self.client_out[-4000:]))
+        return self
