@@ -1,6 +1,7 @@
 """Shared fixtures: real Fashion-MNIST models, free ports, real processes, leak checks."""
 
 import os
+import pathlib
 import random
 import signal
 import socket
@@ -13,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYDIR = os.path.join(ROOT, "inst", "python")
-SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
+SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
 sys.path.insert(0, PYDIR)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -152,10 +153,10 @@ class Flow:
         self.hosts = free_hosts()
         h = ["--hosts", ",".join(self.hosts)]
         py = sys.executable
-        self.owner = subprocess.Popen([py, os.path.join(SCRIPTS, "owner.py")] + h + owner_args,
+        self.owner = subprocess.Popen([py, str(SCRIPTS / "owner.py")] + h + owner_args,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, env=child_env())
-        self.client = subprocess.Popen([py, os.path.join(SCRIPTS, "client.py")] + h + client_args,
+        self.client = subprocess.Popen([py, str(SCRIPTS / "client.py")] + h + client_args,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True, env=child_env())
         try:

@@ -209,9 +209,12 @@ def convert(model_or_path) -> ModelSpec:
 
     output_shape = tuple(int(d) for d in model.outputs[0].shape[1:]) \
         if getattr(model, "outputs", None) else None
+    batch_size = input_shape[0]
+    if batch_size is None and model_layers:  # batch_input_shape= given through KerasHook
+        batch_size = getattr(model_layers[0], "_privatekeras_batch_size", None)
     return ModelSpec(layers=layers, input_shape=tuple(input_shape[1:]),
                      output_shape=output_shape, output_activation=output_activation,
-                     batch_size=input_shape[0], name=getattr(model, "name", "model"))
+                     batch_size=batch_size, name=getattr(model, "name", "model"))
 
 
 def _fold_batchnorm(layer, cfg, weights, layers):

@@ -11,6 +11,7 @@ run with only their import line changed::
     logits = client.query_model(image)
 """
 
+import warnings
 import weakref
 
 from .client import Client
@@ -47,12 +48,39 @@ def _model_stop(self):
     return self
 
 
+def _accept_batch_input_shape(keras_module):
+    """Let Keras 3 layers take Keras 2's ``batch_input_shape=`` (as the tutorial passes it).
+
+    It becomes ``input_shape=`` plus a remembered batch size, which :func:`share` uses.
+    """
+    layer_cls = getattr(getattr(keras_module, "layers", None), "Layer", None)
+    if layer_cls is None or getattr(layer_cls.__init__, "_privatekeras_hook", False):
+        return
+    if not str(getattr(keras_module, "__version__", "3")).startswith("3"):
+        return  # Keras 2 understands batch_input_shape itself
+    original = layer_cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        batch_input_shape = kwargs.pop("batch_input_shape", None)
+        if batch_input_shape is not None:
+            kwargs.setdefault("input_shape", tuple(batch_input_shape[1:]))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*input_shape.*")
+                original(self, *args, **kwargs)
+            self._privatekeras_batch_size = batch_input_shape[0]
+        else:
+            original(self, *args, **kwargs)
+
+    __init__._privatekeras_hook = True
+    layer_cls.__init__ = __init__
+
+
 class KerasHook:
     """Adds ``share``, ``serve`` and ``stop`` to the Model class of a Keras module.
 
-    Accepts ``tf.keras``, ``keras`` (Keras 3) or ``tf_keras``; like Syft, create it right
-    after import, before building the model (methods added to the class also reach models
-    built earlier).
+    Accepts ``tf.keras``, ``keras`` (Keras 3) or ``tf_keras``. Like Syft's, create it right
+    after import, before building the model: on Keras 3 it also makes layers accept the
+    tutorial's ``batch_input_shape=`` argument.
     """
 
     def __init__(self, keras_module):
@@ -67,6 +95,7 @@ class KerasHook:
         model_cls.share = _model_share
         model_cls.serve = _model_serve
         model_cls.stop = _model_stop
+        _accept_batch_input_shape(keras_module)
 
 
 class TFEWorker:

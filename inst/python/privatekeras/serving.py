@@ -205,10 +205,27 @@ class SharedModel:
                 self.served += 1
                 _log("answered request {}{}".format(
                     answered, "" if num_requests is None else "/{}".format(num_requests)))
+            self._await_pickup()
         finally:
             self.serving = False
             self._withdraw()
         return answered
+
+    def _await_pickup(self, timeout=60.0):
+        """Wait until clients have collected the answers still in the output queues.
+
+        Otherwise a caller that stops the cluster right after serve() (as the tutorial does)
+        would kill the workers under a client that is reading its last answer.
+        """
+        deadline = time.monotonic() + timeout
+        while any(queues.size(d, h) > 0 for d, h in zip(self.devices, self._out)):
+            if self._stop_event.is_set():
+                return
+            if time.monotonic() > deadline:
+                _log("warning: {:.0f} s passed and a client has not collected its answer; "
+                     "returning anyway".format(timeout))
+                return
+            time.sleep(0.005)
 
     def stop(self):
         """Stop serving: :meth:`serve` returns after the query in progress."""
