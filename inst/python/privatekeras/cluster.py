@@ -142,6 +142,7 @@ class Cluster:
         self.job_name = JOB_NAME
         self._procs = []
         self._logdir = None
+        self._before_stop = []  # callbacks that release this process's remote state
 
     # -- description -------------------------------------------------------------------
     @property
@@ -244,8 +245,18 @@ class Cluster:
                 )
             time.sleep(0.1)
 
+    def on_stop(self, callback):
+        """Run ``callback()`` before the workers are stopped (releases remote functions)."""
+        self._before_stop.append(callback)
+
     def stop(self, timeout=10.0):
         """End the auto-managed worker processes (by PID) and free their ports."""
+        callbacks, self._before_stop = self._before_stop, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - the workers are stopped regardless
+                pass
         procs, self._procs = self._procs, []
         for proc in procs:
             if proc.poll() is None:

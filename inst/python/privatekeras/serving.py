@@ -77,6 +77,7 @@ class SharedModel:
                                        64) for d in self.devices]
         self._ready = ready_handles(cluster)
         self._step = None
+        cluster.on_stop(self._release)
         self._stop_event = threading.Event()
         self.served = 0
         self.serving = False
@@ -152,6 +153,14 @@ class SharedModel:
                     queues.dequeue(d, h, [tf.string])
             except tf.errors.OpError:
                 pass  # the worker is gone; nothing to withdraw there
+
+    def _release(self):
+        """Drop the traced step while the workers still run, so TF can unregister it."""
+        import gc
+
+        self.stop()
+        self._step = None
+        gc.collect()
 
     def warm_up(self):
         """Trace the private step once (5-15 s), before any client is let in."""
