@@ -37,12 +37,12 @@ if [ ! -x "$PY" ]; then
 fi
 
 stamp="$VENV/.privatekeras-stack"
-want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-nodeps.txt" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/inst/python/requirements.txt" "$ROOT/inst/python/requirements-nodeps.txt" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   say "installing the pinned Python stack (TensorFlow, TF Encrypted, ...): a few minutes"
   "$PY" -m pip install -q --upgrade "pip==24.3.1"
-  "$PY" -m pip install -q -r "$ROOT/requirements.txt"
-  "$PY" -m pip install -q --no-deps -r "$ROOT/requirements-nodeps.txt"
+  "$PY" -m pip install -q -r "$ROOT/inst/python/requirements.txt"
+  "$PY" -m pip install -q --no-deps -r "$ROOT/inst/python/requirements-nodeps.txt"
   echo "$want" > "$stamp"
 fi
 

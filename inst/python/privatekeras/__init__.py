@@ -12,14 +12,19 @@ private predictions; a client secret-shares its input and alone reconstructs the
     logits = client.query(x)
 """
 
-from .client import Client, connect
-from .cluster import Cluster
-from .convert import SUPPORTED_LAYERS, convert
+import os as _os
+
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+from . import data  # noqa: E402
+from .client import Client, connect  # noqa: E402
+from .cluster import Cluster  # noqa: E402
+from .convert import SUPPORTED_LAYERS, convert  # noqa: E402
 from .errors import (ClusterError, InputError, KernelsMissingError, NotServingError,
                      PortInUseError, PrivateKerasError, UnsupportedLayerError,
-                     WorkerUnavailableError)
-from .hook import KerasHook, TFECluster, TFEWorker
-from .serving import SharedModel, share
+                     WorkerUnavailableError)  # noqa: E402
+from .hook import KerasHook, TFECluster, TFEWorker  # noqa: E402
+from .serving import SharedModel, share  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ def _read_idx(path):
 
 def load_fashion_mnist(directory=None):
     """Return ``(x_train, y_train), (x_test, y_test)``: images as float32 in [0, 1] with shape
-    (n, 28, 28, 1), labels as int64.
+    (n, 28, 28, 1), labels as int32 (they convert to R integers).
 
     Reads the IDX files of Debian's ``dataset-fashion-mnist`` (``apt-get install
     dataset-fashion-mnist``) or ``$PRIVATEKERAS_FASHION_MNIST``; nothing is downloaded.
@@ -40,5 +40,5 @@ def load_fashion_mnist(directory=None):
     def images(a):
         return (a.astype(np.float32) / 255.0)[..., None]
 
-    return ((images(arrays["x_train"]), arrays["y_train"].astype(np.int64)),
-            (images(arrays["x_test"]), arrays["y_test"].astype(np.int64)))
+    return ((images(arrays["x_train"]), arrays["y_train"].astype(np.int32)),
+            (images(arrays["x_test"]), arrays["y_test"].astype(np.int32)))

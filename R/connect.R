@@ -1,0 +1,48 @@
+#' Connect a client to a served model
+#'
+#' The client secret-shares each input in this R session (with the operating
+#' system's CSPRNG), sends each worker only its own shares, and reconstructs
+#' the logits here: no worker sees the input or the output.
+#'
+#' @param cluster A [pk_cluster()] with the workers' addresses (it need not be
+#'   started by this session: use `auto_managed = FALSE`).
+#' @param input_shape Shape of one query, batch first, e.g. `c(1, 28, 28, 1)`.
+#' @param output_shape Shape of one answer, batch first, e.g. `c(1, 10)`.
+#' @param timeout Seconds to wait for a served model and for each answer.
+#' @return A `pk_client`; pass it to [query()].
+#' @examples
+#' \dontrun{
+#' cl <- pk_cluster(auto_managed = FALSE)
+#' client <- connect(cl, c(1, 28, 28, 1), c(1, 10))
+#' query(client, images[1, , , , drop = FALSE])
+#' }
+#' @export
+connect <- function(cluster, input_shape, output_shape, timeout = 60) {
+  check_cluster(cluster)
+  input_shape <- check_shape(input_shape, "input_shape")
+  output_shape <- check_shape(output_shape, "output_shape")
+  if (input_shape[[1]] != output_shape[[1]]) {
+    stop("`input_shape` and `output_shape` must have the same batch size (first element)",
+         call. = FALSE)
+  }
+  if (!is.numeric(timeout) || length(timeout) != 1L || is.na(timeout) || timeout <= 0) {
+    stop("`timeout` must be a positive number of seconds", call. = FALSE)
+  }
+  py <- pk_call(pk_core()$connect(cluster$py, py_shape(input_shape), py_shape(output_shape),
+                                  timeout = as.numeric(timeout)))
+  structure(list(py = py, cluster = cluster, input_shape = input_shape,
+                 output_shape = output_shape), class = "pk_client")
+}
+
+#' @export
+print.pk_client <- function(x, ...) {
+  cat("<privatekeras client>\n")
+  cat("  input shape  ", paste(x$input_shape, collapse = " x "), "\n", sep = "")
+  cat("  output shape ", paste(x$output_shape, collapse = " x "), "\n", sep = "")
+  cat("  workers      ", paste(x$cluster$hosts, collapse = ", "), "\n", sep = "")
+  spec <- x$py$`_spec`
+  if (!is.null(spec)) {
+    cat("  served model ", spec$protocol, ", batch ", spec$batch_size, "\n", sep = "")
+  }
+  invisible(x)
+}
