@@ -4,7 +4,10 @@ PY := $(VENV)/bin/python
 export VENV
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test test-python test-r clean
+RLIB := $(CURDIR)/.rlib
+R_ENV := R_LIBS=$(RLIB) RETICULATE_PYTHON=$(PY)
+
+.PHONY: setup demo test test-python test-r r-install r-check clean
 
 setup:
 	@bash tools/setup.sh
@@ -12,10 +15,33 @@ setup:
 demo: setup
 	$(PY) demo/run_demo.py
 
-test: setup test-python
+# Python tests, then R CMD check of the built package, then the R tests (last line:
+# `R: N passed, N failed, N skipped`).
+test: setup
+	@status=0; \
+	$(MAKE) --no-print-directory test-python || status=1; \
+	$(MAKE) --no-print-directory r-check || status=1; \
+	$(MAKE) --no-print-directory test-r || status=1; \
+	exit $$status
 
 test-python:
 	$(PY) -m pytest tests/python -v -rs --durations=10
 
+r-install:
+	@mkdir -p $(RLIB)
+	R CMD INSTALL --no-test-load -l $(RLIB) . >/dev/null
+
+test-r: r-install
+	$(R_ENV) Rscript tools/run-r-tests.R
+
+# R CMD check on the built tarball. Tests run in test-r (not twice); keras3/keras/tensorflow
+# (Suggests) are not installable on Debian, hence _R_CHECK_FORCE_SUGGESTS_=false.
+r-check:
+	@rm -rf build/rcheck && mkdir -p build/rcheck
+	cd build/rcheck && $(R_ENV) R CMD build $(CURDIR)
+	cd build/rcheck && $(R_ENV) _R_CHECK_FORCE_SUGGESTS_=false R CMD check --no-manual \
+	  --no-tests privatekeras_*.tar.gz
+	@grep -q "Status: OK\|Status: [0-9]* NOTE" build/rcheck/privatekeras.Rcheck/00check.log
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(RLIB) build demo-output .pytest_cache

@@ -9,13 +9,23 @@
 #'
 #' @param shared_model A [share()]d model.
 #' @param num_requests How many queries to answer, or `NULL` for no limit.
+#' @param idle_timeout Seconds to wait for the next query before returning
+#'   early, or `NULL` to wait indefinitely.
 #' @return `serve()`: the number of queries answered, invisibly.
 #'   `stop_serving()`: the shared model, invisibly.
 #' @export
-serve <- function(shared_model, num_requests = NULL) {
+serve <- function(shared_model, num_requests = NULL, idle_timeout = NULL) {
   check_shared(shared_model)
   num_requests <- check_count(num_requests, "num_requests")
-  n <- pk_call(shared_model$py$serve(num_requests = num_requests))
+  if (!is.null(idle_timeout) &&
+      (!is.numeric(idle_timeout) || length(idle_timeout) != 1L || is.na(idle_timeout) ||
+       idle_timeout <= 0)) {
+    stop("`idle_timeout` must be a positive number of seconds or NULL", call. = FALSE)
+  }
+  n <- pk_call(shared_model$py$serve(
+    num_requests = num_requests,
+    idle_timeout = if (is.null(idle_timeout)) NULL else as.numeric(idle_timeout)
+  ))
   invisible(n)
 }
 

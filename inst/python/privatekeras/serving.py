@@ -172,12 +172,14 @@ class SharedModel:
             _log("traced in {:.1f} s".format(time.monotonic() - t0))
         return self
 
-    def serve(self, num_requests=None):
+    def serve(self, num_requests=None, idle_timeout=None):
         """Answer private queries; blocks until ``num_requests`` are answered or :meth:`stop`.
 
         Args:
             num_requests: how many queries to answer; None serves until :meth:`stop` is
                 called (from another thread) or the process is interrupted.
+            idle_timeout: seconds to wait for the next query before giving up and returning
+                (None: wait indefinitely).
         Returns:
             the number of queries answered.
         """
@@ -187,6 +189,8 @@ class SharedModel:
             num_requests = int(num_requests)
             if num_requests < 0:
                 raise ValueError("num_requests must be >= 0 or None")
+        if idle_timeout is not None and float(idle_timeout) <= 0:
+            raise ValueError("idle_timeout must be a positive number of seconds or None")
         self.warm_up()
         self._stop_event.clear()
         try:
@@ -200,8 +204,14 @@ class SharedModel:
             self.spec.name, "unlimited" if num_requests is None else num_requests))
         try:
             while num_requests is None or answered < num_requests:
-                got = queues.wait_until_nonempty(self.devices, self._in, None, "queries",
-                                                 should_stop=self._stop_event.is_set)
+                try:
+                    got = queues.wait_until_nonempty(self.devices, self._in, idle_timeout,
+                                                     "queries",
+                                                     should_stop=self._stop_event.is_set)
+                except TimeoutError:
+                    _log("no query for {:g} s (idle_timeout): stopping after {} "
+                         "answers".format(float(idle_timeout), answered))
+                    break
                 if not got:
                     break
                 try:

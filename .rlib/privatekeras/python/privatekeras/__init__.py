@@ -1,0 +1,43 @@
+"""privatekeras: private predictions from Keras models with three-party computation.
+
+A model owner secret-shares a trained Keras model's weights among three workers, which serve
+private predictions; a client secret-shares its input and alone reconstructs the logits.
+
+    import privatekeras as pk
+    cluster = pk.Cluster(["localhost:4000", "localhost:4001", "localhost:4002"]).start()
+    shared = pk.share(model, cluster)        # in the model owner's process
+    shared.serve(num_requests=3)
+    # in another process:
+    client = pk.connect(cluster, input_shape=(1, 28, 28, 1), output_shape=(1, 10))
+    logits = client.query(x)
+"""
+
+import os as _os
+
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+from . import data  # noqa: E402
+from .client import Client, connect  # noqa: E402
+from .cluster import Cluster  # noqa: E402
+from .convert import SUPPORTED_LAYERS, convert  # noqa: E402
+from .errors import (ClusterError, InputError, KernelsMissingError, NotServingError,
+                     PortInUseError, PrivateKerasError, UnsupportedLayerError,
+                     WorkerUnavailableError)  # noqa: E402
+from .hook import KerasHook, TFECluster, TFEWorker  # noqa: E402
+from .serving import SharedModel, share  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cluster", "share", "SharedModel", "connect", "Client", "convert", "SUPPORTED_LAYERS",
+    "KerasHook", "TFEWorker", "TFECluster", "secure_randomness_active",
+    "PrivateKerasError", "ClusterError", "PortInUseError", "UnsupportedLayerError",
+    "InputError", "NotServingError", "WorkerUnavailableError", "KernelsMissingError",
+]
+
+
+def secure_randomness_active():
+    """True when TF Encrypted in this process draws randomness from our CSPRNG kernels."""
+    from .tfe_compat import secure_randomness_active as active
+
+    return active()

@@ -1,0 +1,205 @@
+"""The client's side: share inputs locally, reconstruct logits locally.
+
+The client never sends a clear input to any worker: each worker receives only its own
+shares, drawn from the OS CSPRNG. The client alone collects all output shares and
+reconstructs the logits. It needs TensorFlow for the transport but not TF Encrypted.
+"""
+
+import json
+import time
+
+import numpy as np
+
+from . import queues
+from .backends import LAYOUTS
+from .cluster import connect_process
+from .errors import InputError, NotServingError, WorkerUnavailableError
+from .serving import queue_names, ready_handles
+
+
+def _as_shape(shape, what):
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise InputError("{} must be a sequence of positive integers, got {!r}".format(
+            what, shape)) from None
+    if not dims or any(d < 1 for d in dims) or any(float(d) != float(s) for d, s in
+                                                   zip(dims, shape)):
+        raise InputError("{} must be a sequence of positive integers, got {!r}".format(
+            what, shape))
+    return dims
+
+
+def softmax(logits):
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Client:
+    """A connection to a model served on a cluster.
+
+    Args:
+        cluster: a :class:`~privatekeras.Cluster` with the workers' addresses (it need not
+            be started by this process).
+        input_shape: the shape of one query, batch first, e.g. ``(1, 28, 28, 1)``.
+        output_shape: the shape of one answer, batch first, e.g. ``(1, 10)``.
+        timeout: seconds to wait for a served model, and for each answer.
+    """
+
+    def __init__(self, cluster, input_shape, output_shape, timeout=60.0):
+        self.cluster = cluster
+        self.input_shape = _as_shape(input_shape, "input_shape")
+        self.output_shape = _as_shape(output_shape, "output_shape")
+        if self.input_shape[0] != self.output_shape[0]:
+            raise InputError("input_shape and output_shape must have the same batch size, got "
+                             "{} and {}".format(self.input_shape, self.output_shape))
+        self.timeout = float(timeout)
+        connect_process(cluster)
+        self.devices = cluster.devices
+        self._ready = ready_handles(cluster)
+        self._spec = None
+        self._handles = None
+
+    def __repr__(self):
+        return "<privatekeras.Client input={} output={} cluster={}>".format(
+            self.input_shape, self.output_shape, ", ".join(self.cluster.hosts))
+
+    # -- the served model's public spec -------------------------------------------------
+    def _served(self):
+        try:
+            return all(queues.size(d, h) > 0 for d, h in zip(self.devices, self._ready))
+        except Exception as exc:  # noqa: BLE001 - any transport failure means unreachable
+            raise WorkerUnavailableError(
+                "cannot reach the workers {}: {}".format(self.cluster.hosts,
+                                                         queues._first_line(exc))) from None
+
+    def _read_spec(self):
+        import tensorflow as tf
+
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self._served():
+                try:
+                    raw = queues.dequeue(self.devices[0], self._ready[0], [tf.string])[0]
+                    queues.enqueue(self.devices[0], self._ready[0], [raw])
+                    return json.loads(raw.numpy().decode())
+                except tf.errors.OpError:
+                    pass  # raced with another reader or with stop(); look again
+            if time.monotonic() > deadline:
+                raise NotServingError(
+                    "no model is being served on cluster {} (waited {:.0f} s): start serving "
+                    "with serve() in the model owner's process first".format(
+                        self.cluster.hosts, self.timeout))
+            time.sleep(0.05)
+
+    def _connect_model(self):
+        import tensorflow as tf
+
+        spec = self._read_spec()
+        if tuple(spec["input_shape"][1:]) != self.input_shape[1:] or \
+                tuple(spec["output_shape"][1:]) != self.output_shape[1:]:
+            raise InputError(
+                "the served model takes inputs of shape {} and returns {} (batch first); this "
+                "client was connected with input_shape={} and output_shape={}".format(
+                    tuple(spec["input_shape"]), tuple(spec["output_shape"]), self.input_shape,
+                    self.output_shape))
+        layout = LAYOUTS[spec["protocol"]]
+        in_name, out_name = queue_names(spec["protocol"], spec["batch_size"],
+                                        spec["input_shape"][1:], spec["output_shape"][1:])
+        k = layout.shares_per_worker
+        dtypes = [tf.int64] * k
+        ins = [queues.open_queue(d, in_name, dtypes, [spec["input_shape"]] * k, 64)
+               for d in self.devices]
+        outs = [queues.open_queue(d, out_name, dtypes, [spec["output_shape"]] * k, 64)
+                for d in self.devices]
+        self._spec, self._layout, self._handles = spec, layout, (ins, outs, dtypes)
+
+    # -- queries ------------------------------------------------------------------------
+    def _check_input(self, x):
+        if isinstance(x, (list, tuple)):
+            x = np.asarray(x)
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)  # tf.Tensor, R arrays via reticulate, ...
+            except Exception:  # noqa: BLE001
+                raise InputError("the input must be a numeric array, got {}".format(
+                    type(x).__name__)) from None
+        if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or
+                                       np.issubdtype(x.dtype, np.floating)):
+            raise InputError("the input must be a numeric (integer or floating) array, got "
+                             "dtype {}".format(x.dtype))
+        want = self.input_shape[1:]
+        if x.shape == want:
+            x = x[None, ...]
+        if x.ndim != len(self.input_shape) or x.shape[1:] != want:
+            raise InputError("the input has shape {}, but this client sends {} (any batch "
+                             "size, then {})".format(x.shape, self.input_shape, want))
+        if x.shape[0] == 0:
+            raise InputError("the input is an empty batch (0 rows)")
+        return x.astype(np.float64)
+
+    def query(self, x):
+        """Private prediction: returns the logits for ``x`` (batch first) as a numpy array.
+
+        ``x`` may hold any number of rows; they are sent in batches of the served batch size
+        (the last one padded with zeros, which are discarded).
+        """
+        x = self._check_input(x)
+        if self._spec is None:
+            self._connect_model()
+        layout = self._layout
+        # Encode everything first: a bad value fails the query before anything is sent.
+        for row in x:
+            layout.encode(row)
+        b = self._spec["batch_size"]
+        n = x.shape[0]
+        pad = (-n) % b
+        if pad:
+            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:])], axis=0)
+        outs = [self._query_batch(x[i:i + b]) for i in range(0, x.shape[0], b)]
+        return np.concatenate(outs, axis=0)[:n].astype(np.float32)
+
+    def predict_proba(self, x):
+        """Private prediction followed by a softmax computed here, on the client."""
+        return softmax(self.query(x).astype(np.float64)).astype(np.float32)
+
+    def _query_batch(self, xb):
+        import tensorflow as tf
+
+        ins, outs, dtypes = self._handles
+        per_worker = self._layout.split(xb)
+        if not self._served():
+            raise NotServingError("the model is no longer being served on {}".format(
+                self.cluster.hosts))
+        try:
+            for i, shares in enumerate(per_worker):
+                queues.enqueue(self.devices[i], ins[i],
+                               [tf.constant(s, dtype=tf.int64) for s in shares])
+            self._wait_answer(outs)
+            got = [[t.numpy() for t in queues.dequeue(self.devices[i], outs[i], dtypes)]
+                   for i in range(3)]
+        except tf.errors.OpError as exc:
+            raise WorkerUnavailableError("a worker stopped answering during the query: "
+                                         "{}".format(queues._first_line(exc))) from None
+        return self._layout.reconstruct(got)
+
+    def _wait_answer(self, outs):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                queues.wait_until_nonempty(self.devices, outs, 0.5, "the answer")
+                return
+            except TimeoutError:
+                if not self._served():
+                    raise NotServingError("the model stopped being served before answering "
+                                          "this query") from None
+                if time.monotonic() > deadline:
+                    raise WorkerUnavailableError(
+                        "no answer within {:.0f} s: the model owner or a worker is stuck or "
+                        "gone".format(self.timeout)) from None
+
+
+def connect(cluster, input_shape, output_shape, timeout=60.0):
+    """Connect to the model served on ``cluster``; returns a :class:`Client`."""
+    return Client(cluster, input_shape, output_shape, timeout=timeout)

@@ -1,0 +1,4 @@
+library(testthat)
+library(privatekeras)
+
+test_check("privatekeras")
