@@ -46,3 +46,19 @@ print.pk_client <- function(x, ...) {
   }
   invisible(x)
 }
+
+#' Disconnect a client from the cluster
+#'
+#' Detaches this R session from the workers, back to local TensorFlow. Call it
+#' when done querying: while connected, TensorFlow registers every new function
+#' (even a plain `model$predict()`) on the workers, which hangs once the model
+#' owner has stopped them. A later [query()] reconnects.
+#'
+#' @param client A [connect()]ed client.
+#' @return The client, invisibly.
+#' @export
+disconnect <- function(client) {
+  check_client(client)
+  pk_call(client$py$close())
+  invisible(client)
+}

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import queues
 from .backends import LAYOUTS
-from .cluster import connect_process
+from .cluster import connect_process, disconnect_process
 from .errors import InputError, NotServingError, WorkerUnavailableError
 from .serving import queue_names, ready_handles
 
@@ -147,6 +147,8 @@ class Client:
         """
         x = self._check_input(x)
         if self._spec is None:
+            connect_process(self.cluster)  # again, after close()
+            self._ready = ready_handles(self.cluster)
             self._connect_model()
         layout = self._layout
         # Encode everything first: a bad value fails the query before anything is sent.
@@ -159,6 +161,22 @@ class Client:
             x = np.concatenate([x, np.zeros((pad,) + x.shape[1:])], axis=0)
         outs = [self._query_batch(x[i:i + b]) for i in range(0, x.shape[0], b)]
         return np.concatenate(outs, axis=0)[:n].astype(np.float32)
+
+    def close(self):
+        """Detach this process from the cluster (back to local TensorFlow).
+
+        Call it when done querying: while connected, TensorFlow registers every new
+        ``tf.function`` (even a plain ``model.predict``) on the workers, which hangs once the
+        model owner has stopped them.
+        """
+        disconnect_process()
+        self._spec = self._handles = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def predict_proba(self, x):
         """Private prediction followed by a softmax computed here, on the client."""

@@ -257,6 +257,8 @@ class Cluster:
                 callback()
             except Exception:  # noqa: BLE001 - the workers are stopped regardless
                 pass
+        if _connected == tuple(self.hosts):
+            disconnect_process()  # while the workers still answer: a clean detach
         procs, self._procs = self._procs, []
         for proc in procs:
             if proc.poll() is None:
@@ -312,3 +314,23 @@ def connect_process(cluster):
 
     tf.config.experimental_connect_to_host(cluster.hosts, job_name=cluster.job_name)
     _connected = key
+
+
+def disconnect_process():
+    """Detach this process from its cluster, back to local TensorFlow only.
+
+    While connected, TensorFlow registers every new ``tf.function`` (even a plain
+    ``model.predict``) on the remote workers, so once they are gone such calls would hang.
+    """
+    global _connected
+    if _connected is None:
+        return
+    import tensorflow as tf
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    tf.config.experimental_connect_to_cluster(
+        tf.train.ClusterSpec({"localhost": ["localhost:{}".format(port)]}), job_name="localhost")
+    _connected = None
