@@ -4,7 +4,6 @@ import os
 import pathlib
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
 sys.path.insert(0, PYDIR)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from privatekeras.cluster import _port_in_use  # noqa: E402
+
 # The stated tolerance for private vs plaintext logits (ABY3, 16 fractional bits; typical
 # errors seen are ~0.005).
 LOGIT_ATOL = 0.05
@@ -30,24 +31,12 @@ def child_env():
     return env
 
 
-def _port_free(port):
-    s = socket.socket()
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def free_hosts():
     """Three free loopback ports as 'localhost:port' strings."""
     while True:
         base = random.randrange(20000, 40000, 3)
         ports = [base, base + 1, base + 2]
-        if all(_port_free(p) for p in ports):
+        if not any(_port_in_use(p) for p in ports):
             return ["localhost:{}".format(p) for p in ports]
 
 
