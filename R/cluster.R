@@ -7,7 +7,7 @@
 #' to [connect()].
 #'
 #' @param hosts Three `"host:port"` addresses.
-#' @param protocol The default protocol for [share()]: `"aby3"`.
+#' @param protocol The default protocol for [share()]: `"aby3"` (default) or `"securenn"`.
 #' @param auto_managed Whether [pk_start()] spawns the workers here.
 #' @param start_timeout Seconds to wait for the workers to answer.
 #' @return A `pk_cluster` object.
@@ -22,7 +22,7 @@
 pk_cluster <- function(hosts = c("localhost:4000", "localhost:4001", "localhost:4002"),
                        protocol = "aby3", auto_managed = TRUE, start_timeout = 120) {
   hosts <- check_hosts(hosts)
-  protocol <- match.arg(protocol, c("aby3"))
+  protocol <- match.arg(protocol, c("aby3", "securenn"))
   stopifnot(is.logical(auto_managed), length(auto_managed) == 1L, !is.na(auto_managed))
   py <- pk_call(pk_core()$Cluster(as.list(hosts), auto_managed = auto_managed,
                                   start_timeout = as.numeric(start_timeout)))

@@ -8,7 +8,7 @@
 #' @param model An R keras/keras3 model, a Keras model made through
 #'   reticulate, or the path of a `.keras`/`.h5` file.
 #' @param cluster A started [pk_cluster()].
-#' @param protocol `"aby3"`; defaults to the cluster's.
+#' @param protocol `"aby3"` or `"securenn"`; defaults to the cluster's.
 #' @param batch_size Images per private evaluation; defaults to the model's
 #'   fixed batch size, else 1.
 #' @return A `pk_shared_model`; pass it to [serve()].

@@ -11,16 +11,17 @@ import time
 
 import numpy as np
 
-from conftest import LOGIT_ATOL, N_IMAGES, SCRIPTS, Flow, child_env, free_hosts
+from conftest import (LOGIT_ATOL, N_IMAGES, SCRIPTS, SECURENN_LOGIT_ATOL, Flow, child_env,
+                      free_hosts)
 
 
-def _compare(private, plain):
+def _compare(private, plain, atol=LOGIT_ATOL):
     assert private.shape == plain.shape
     agreement = (private.argmax(1) == plain.argmax(1)).mean()
     err = np.abs(private - plain).max()
     print("argmax agreement {:.1%}, max abs logit error {:.4f}".format(agreement, err))
     assert agreement == 1.0
-    assert err < LOGIT_ATOL
+    assert err < atol
 
 
 def test_batch1_from_keras_file_matches_plaintext(models, tmp_path):
@@ -41,6 +42,30 @@ def test_batch8_from_model_object_matches_plaintext(models, tmp_path):
          ["--images", str(models / "images.npy"), "--out", str(out), "--rows-per-query",
           str(N_IMAGES), "--input-shape", "8,28,28,1", "--output-shape", "8,10"]).check()
     _compare(np.load(out), np.load(models / "tutorial_logits.npy"))
+
+
+def test_securenn_matches_plaintext(models, tmp_path):
+    out = tmp_path / "logits.npy"
+    n = 40
+    np.save(tmp_path / "images.npy", np.load(models / "images.npy")[:n])
+    flow = Flow(["--model", str(models / "tutorial.keras"), "--as-object", "--batch-size", "4",
+                 "--num-requests", str(n // 4), "--protocol", "securenn"],
+                ["--images", str(tmp_path / "images.npy"), "--out", str(out),
+                 "--rows-per-query", "8", "--input-shape", "4,28,28,1",
+                 "--output-shape", "4,10"]).check()
+    assert "protocol=securenn" in flow.owner_out
+    _compare(np.load(out), np.load(models / "tutorial_logits.npy")[:n], SECURENN_LOGIT_ATOL)
+
+
+def test_pond_is_not_offered():
+    from privatekeras.backends import check_protocol
+
+    try:
+        check_protocol("pond")
+    except ValueError as exc:
+        assert "wrong predictions" in str(exc)
+    else:
+        raise AssertionError("pond was accepted")
 
 
 def test_batchnorm_maxpool_softmax_model_matches_plaintext(models, tmp_path):

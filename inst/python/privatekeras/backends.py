@@ -7,8 +7,10 @@ Each backend has two halves:
 * the model-owner half (TF Encrypted): the protocol object, private weights and the private
   forward pass over :class:`~privatekeras.convert.LayerSpec` lists.
 
-ABY3 (replicated three-party sharing over Z_2^64) is the default. Pond is deliberately not
-offered: its ReLU is a polynomial approximation that gives wrong answers on real CNNs.
+ABY3 (replicated three-party sharing over Z_2^64) is the default. SecureNN is offered too
+(two-party additive sharing on workers 0 and 1, worker 2 as crypto producer for triples and
+the comparison protocol). Pond is deliberately not offered: its ReLU is a polynomial
+approximation that gives wrong answers on real CNNs.
 """
 
 import os
@@ -17,7 +19,7 @@ import numpy as np
 
 from .errors import InputError
 
-PROTOCOLS = ("aby3",)
+PROTOCOLS = ("aby3", "securenn")
 
 
 def check_protocol(protocol):
@@ -37,17 +39,24 @@ def random_ring_elements(shape):
     return np.frombuffer(os.urandom(8 * n), dtype=np.int64).reshape(shape).copy()
 
 
-class ABY3Layout:
-    """Client half of ABY3: x = x0 + x1 + x2 (mod 2^64); worker i holds (x_i, x_{i+1})."""
+class FixedPointLayout:
+    """Client half shared by the backends: fixed-point encoding in Z_2^64.
 
-    name = "aby3"
-    frac_bits = 16  # TFE's fixed64_heuristic: 16 fractional bits
-    int_bits = 11  # ... and 11 integral bits: |x| must stay below 2^11
-    shares_per_worker = 2
+    A value x is encoded as round(x * base^frac) and must stay below base^int in magnitude.
+    """
+
+    base = 2
+    frac_digits = 16
+    int_digits = 11
+    share_counts = (2, 2, 2)  # shares each worker receives
+
+    @classmethod
+    def scale(cls):
+        return float(cls.base ** cls.frac_digits)
 
     @classmethod
     def bound(cls):
-        return float(2 ** cls.int_bits)
+        return float(cls.base ** cls.int_digits)
 
     @classmethod
     def encode(cls, x):
@@ -59,14 +68,23 @@ class ABY3Layout:
         if big >= limit:
             raise InputError(
                 "input values must lie within (-{0:g}, {0:g}) for the fixed-point encoding "
-                "({1} integral bits); the largest magnitude here is {2:g}. Rescale the input "
-                "(as the model was trained on it).".format(limit, cls.int_bits, big)
+                "({1}^{2}); the largest magnitude here is {3:g}. Rescale the input (as the "
+                "model was trained on it).".format(limit, cls.base, cls.int_digits, big)
             )
-        return np.round(x * (1 << cls.frac_bits)).astype(np.int64)
+        return np.round(x * cls.scale()).astype(np.int64)
 
     @classmethod
     def decode(cls, z):
-        return z.astype(np.float64) / (1 << cls.frac_bits)
+        return z.astype(np.float64) / cls.scale()
+
+
+class ABY3Layout(FixedPointLayout):
+    """Client half of ABY3: x = x0 + x1 + x2 (mod 2^64); worker i holds (x_i, x_{i+1}).
+
+    TFE's fixed64_heuristic: 16 fractional and 11 integral bits.
+    """
+
+    name = "aby3"
 
     @classmethod
     def split(cls, x):
@@ -94,39 +112,66 @@ class ABY3Layout:
         return cls.decode(z)
 
 
-LAYOUTS = {"aby3": ABY3Layout}
+class SecureNNLayout(FixedPointLayout):
+    """Client half of SecureNN: x = x0 + x1 (mod 2^64) on workers 0 and 1; worker 2 (the
+    crypto producer) never holds a share of the input or the output.
+
+    TFE's fixed64 for Pond/SecureNN: base 3, 8 fractional and 7 integral digits.
+    """
+
+    name = "securenn"
+    base = 3
+    frac_digits = 8
+    int_digits = 7
+    share_counts = (1, 1, 0)
+
+    @classmethod
+    def split(cls, x):
+        v = cls.encode(x)
+        s0 = random_ring_elements(v.shape)
+        with np.errstate(over="ignore"):
+            s1 = v - s0
+        return [(s0,), (s1,), ()]
+
+    @classmethod
+    def reconstruct(cls, per_worker):
+        with np.errstate(over="ignore"):
+            z = per_worker[0][0] + per_worker[1][0]
+        return cls.decode(z)
 
 
-class ABY3Engine:
-    """Model-owner half of ABY3, on TF Encrypted's implementation."""
+LAYOUTS = {"aby3": ABY3Layout, "securenn": SecureNNLayout}
 
-    layout = ABY3Layout
+
+class TFEEngine:
+    """Model-owner half: a TF Encrypted protocol on the cluster's three workers."""
+
+    layout = None
 
     def __init__(self, cluster):
+        from collections import OrderedDict
+
         from .tfe_compat import import_tfe
 
         tfe = import_tfe()
-        from collections import OrderedDict
-
         # debug_mode disables TFE's global memoisation of protocol nodes, which would hand
         # tensors of an earlier trace to a later one.
         hostmap = OrderedDict(("server{}".format(i), h) for i, h in enumerate(cluster.hosts))
         tfe.set_config(tfe.RemoteConfig(hostmap, job_name=cluster.job_name, debug_mode=True))
         self.tfe = tfe
-        self.prot = tfe.protocol.ABY3("server0", "server1", "server2")
+        self.prot = self.make_protocol(tfe)
         tfe.set_protocol(self.prot)
-        self.devices = [s.device_name for s in self.prot.servers]
-        scale = self.prot.fixedpoint_config
-        assert scale.precision_fractional == ABY3Layout.frac_bits
-        assert scale.precision_integral == ABY3Layout.int_bits
+        self.devices = cluster.devices
+        fp = self.prot.fixedpoint_config
+        assert (fp.scaling_base, fp.precision_fractional, fp.precision_integral) == (
+            self.layout.base, self.layout.frac_digits, self.layout.int_digits)
+
+    def make_protocol(self, tfe):
+        raise NotImplementedError
 
     def fresh_randomness(self):
-        """Re-key ABY3's pairwise PRFs inside the traced step, so each query uses new keys.
-
-        Keys drawn once at construction would be constants of the traced graph, and every
-        query would reuse the same masks.
-        """
-        self.prot.reset()
+        """Hook run at the start of every traced private step."""
+        return None
 
     def private_weights(self, layers):
         """Secret-share every weight from this process onto the workers."""
@@ -140,18 +185,6 @@ class ABY3Engine:
             out.append(ws)
         return out
 
-    def wrap_input(self, per_worker):
-        """ABY3 private tensor from the (x_i, x_{i+1}) pairs dequeued on each worker."""
-        from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor, ShareType
-
-        factory = self.prot.default_factory
-        shares = [[factory.tensor(a), factory.tensor(b)] for a, b in per_worker]
-        return ABY3PrivateTensor(self.prot, shares, True, ShareType.ARITHMETIC)
-
-    @staticmethod
-    def unwrap_output(y):
-        return [(y.unwrapped[i][0].value, y.unwrapped[i][1].value) for i in range(3)]
-
     def forward(self, layers, weights, x):
         """The private forward pass; x is a private NHWC (or 2-D) tensor."""
         prot = self.prot
@@ -162,7 +195,7 @@ class ABY3Engine:
         for spec, ws in zip(layers, weights):
             kind = spec.kind
             if kind == "conv2d":
-                x = prot.conv2d(x, ws[0], list(spec.params["strides"]), spec.params["padding"])
+                x = prot.conv2d(x, ws[0], tuple(spec.params["strides"]), spec.params["padding"])
                 x = x + ws[1]
             elif kind == "dense":
                 x = prot.matmul(x, ws[0]) + ws[1]
@@ -190,4 +223,53 @@ class ABY3Engine:
         return x
 
 
-ENGINES = {"aby3": ABY3Engine}
+class ABY3Engine(TFEEngine):
+    """ABY3 on TF Encrypted's implementation."""
+
+    layout = ABY3Layout
+
+    def make_protocol(self, tfe):
+        return tfe.protocol.ABY3("server0", "server1", "server2")
+
+    def fresh_randomness(self):
+        """Re-key ABY3's pairwise PRFs inside the traced step, so each query uses new keys.
+
+        Keys drawn once at construction would be constants of the traced graph, and every
+        query would reuse the same masks.
+        """
+        self.prot.reset()
+
+    def wrap_input(self, per_worker):
+        """ABY3 private tensor from the (x_i, x_{i+1}) pairs dequeued on each worker."""
+        from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor, ShareType
+
+        factory = self.prot.default_factory
+        shares = [[factory.tensor(a), factory.tensor(b)] for a, b in per_worker]
+        return ABY3PrivateTensor(self.prot, shares, True, ShareType.ARITHMETIC)
+
+    @staticmethod
+    def unwrap_output(y):
+        return [(y.unwrapped[i][0].value, y.unwrapped[i][1].value) for i in range(3)]
+
+
+class SecureNNEngine(TFEEngine):
+    """SecureNN on TF Encrypted's implementation (worker 2 is the crypto producer)."""
+
+    layout = SecureNNLayout
+
+    def make_protocol(self, tfe):
+        return tfe.protocol.SecureNN()  # players server0..2 from the config
+
+    def wrap_input(self, per_worker):
+        from tf_encrypted.protocol.pond import PondPrivateTensor
+
+        factory = self.prot.tensor_factory
+        return PondPrivateTensor(self.prot, factory.tensor(per_worker[0][0]),
+                                 factory.tensor(per_worker[1][0]), True)
+
+    @staticmethod
+    def unwrap_output(y):
+        return [(y.share0.value,), (y.share1.value,), ()]
+
+
+ENGINES = {"aby3": ABY3Engine, "securenn": SecureNNEngine}

@@ -107,13 +107,10 @@ class Client:
         layout = LAYOUTS[spec["protocol"]]
         in_name, out_name = queue_names(spec["protocol"], spec["batch_size"],
                                         spec["input_shape"][1:], spec["output_shape"][1:])
-        k = layout.shares_per_worker
-        dtypes = [tf.int64] * k
-        ins = [queues.open_queue(d, in_name, dtypes, [spec["input_shape"]] * k, 64)
-               for d in self.devices]
-        outs = [queues.open_queue(d, out_name, dtypes, [spec["output_shape"]] * k, 64)
-                for d in self.devices]
-        self._spec, self._layout, self._handles = spec, layout, (ins, outs, dtypes)
+        counts = layout.share_counts
+        ins = queues.ShareQueues(self.devices, in_name, counts, spec["input_shape"])
+        outs = queues.ShareQueues(self.devices, out_name, counts, spec["output_shape"])
+        self._spec, self._layout, self._handles = spec, layout, (ins, outs)
 
     # -- queries ------------------------------------------------------------------------
     def _check_input(self, x):
@@ -185,18 +182,15 @@ class Client:
     def _query_batch(self, xb):
         import tensorflow as tf
 
-        ins, outs, dtypes = self._handles
+        ins, outs = self._handles
         per_worker = self._layout.split(xb)
         if not self._served():
             raise NotServingError("the model is no longer being served on {}".format(
                 self.cluster.hosts))
         try:
-            for i, shares in enumerate(per_worker):
-                queues.enqueue(self.devices[i], ins[i],
-                               [tf.constant(s, dtype=tf.int64) for s in shares])
+            ins.put(per_worker)
             self._wait_answer(outs)
-            got = [[t.numpy() for t in queues.dequeue(self.devices[i], outs[i], dtypes)]
-                   for i in range(3)]
+            got = [tuple(t.numpy() for t in shares) for shares in outs.take()]
         except tf.errors.OpError as exc:
             raise WorkerUnavailableError("a worker stopped answering during the query: "
                                          "{}".format(queues._first_line(exc))) from None
@@ -206,7 +200,7 @@ class Client:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                queues.wait_until_nonempty(self.devices, outs, 0.5, "the answer")
+                outs.wait(0.5, "the answer")
                 return
             except TimeoutError:
                 if not self._served():

@@ -79,3 +79,44 @@ def wait_until_nonempty(devices, handles, timeout, what, should_stop=None):
 def _first_line(exc):
     text = getattr(exc, "message", None) or str(exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+class ShareQueues:
+    """The queues of one kind (inputs or outputs) of a served model, one per worker that
+    receives shares: worker i holds ``counts[i]`` int64 shares of ``shape`` per item."""
+
+    def __init__(self, devices, name, counts, shape, capacity=64):
+        self.counts = tuple(counts)
+        self.shape = [int(d) for d in shape]
+        self.slots = []
+        for i, count in enumerate(self.counts):
+            if count:
+                dtypes = [tf.int64] * count
+                handle = open_queue(devices[i], name, dtypes, [self.shape] * count, capacity)
+                self.slots.append((i, devices[i], dtypes, handle))
+
+    def put(self, per_worker):
+        """Enqueue each worker's shares on that worker (eagerly or inside a tf.function)."""
+        for i, device, _, handle in self.slots:
+            enqueue(device, handle, [tf.convert_to_tensor(s, tf.int64) for s in per_worker[i]])
+
+    def take(self):
+        """Dequeue one item from each worker; returns a tuple of shares per worker."""
+        out = [() for _ in self.counts]
+        for i, device, dtypes, handle in self.slots:
+            out[i] = tuple(dequeue(device, handle, dtypes, [self.shape] * len(dtypes)))
+        return out
+
+    def wait(self, timeout, what, should_stop=None):
+        """Poll until every worker's queue holds an item (see wait_until_nonempty)."""
+        return wait_until_nonempty([s[1] for s in self.slots], [s[3] for s in self.slots],
+                                   timeout, what, should_stop=should_stop)
+
+    def pending(self):
+        return any(size(device, handle) > 0 for _, device, _, handle in self.slots)
+
+    def drain(self):
+        """Drop every item left over (from an earlier serving session)."""
+        for _, device, dtypes, handle in self.slots:
+            while size(device, handle) > 0:
+                dequeue(device, handle, dtypes)

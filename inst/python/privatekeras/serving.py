@@ -69,12 +69,9 @@ class SharedModel:
 
         in_name, out_name = queue_names(self.protocol, batch_size, self.input_shape[1:],
                                         self.output_shape[1:])
-        k = self._engine.layout.shares_per_worker
-        self._dtypes = [tf.int64] * k
-        self._in = [queues.open_queue(d, in_name, self._dtypes, [list(self.input_shape)] * k, 64)
-                    for d in self.devices]
-        self._out = [queues.open_queue(d, out_name, self._dtypes, [list(self.output_shape)] * k,
-                                       64) for d in self.devices]
+        counts = self._engine.layout.share_counts
+        self._in = queues.ShareQueues(self.devices, in_name, counts, self.input_shape)
+        self._out = queues.ShareQueues(self.devices, out_name, counts, self.output_shape)
         self._ready = ready_handles(cluster)
         self._step = None
         cluster.on_stop(self._release)
@@ -97,7 +94,8 @@ class SharedModel:
             "input_shape": list(self.input_shape),
             "output_shape": list(self.output_shape),
             "output_activation": self.spec.output_activation,
-            "frac_bits": self._engine.layout.frac_bits,
+            "fixed_point": {"base": self._engine.layout.base,
+                            "frac_digits": self._engine.layout.frac_digits},
             "owner": {"host": socket.gethostname(), "pid": os.getpid()},
         }
 
@@ -105,17 +103,14 @@ class SharedModel:
         import tensorflow as tf
 
         engine, layers, weights = self._engine, self.spec.layers, self._weights
-        devices, ins, outs, dtypes = self.devices, self._in, self._out, self._dtypes
-        shapes = [list(self.input_shape)] * len(dtypes)
+        ins, outs = self._in, self._out
 
         @tf.function
         def step():
             engine.fresh_randomness()
-            per_worker = [queues.dequeue(devices[i], ins[i], dtypes, shapes) for i in range(3)]
-            x = engine.wrap_input(per_worker)
+            x = engine.wrap_input(ins.take())
             y = engine.forward(layers, weights, x)
-            for i, shares in enumerate(engine.unwrap_output(y)):
-                queues.enqueue(devices[i], outs[i], list(shares))
+            outs.put(engine.unwrap_output(y))
 
         return step
 
@@ -136,10 +131,8 @@ class SharedModel:
                     "stop it first".format(owner.get("pid")))
             self._withdraw()
         # Drop answers and queries left over from an earlier serving session.
-        for handles in (self._in, self._out):
-            for d, h in zip(self.devices, handles):
-                while queues.size(d, h) > 0:
-                    queues.dequeue(d, h, self._dtypes)
+        self._in.drain()
+        self._out.drain()
         spec = tf.constant(json.dumps(self.public_spec))
         for d, h in zip(self.devices, self._ready):
             queues.enqueue(d, h, [spec])
@@ -205,9 +198,8 @@ class SharedModel:
         try:
             while num_requests is None or answered < num_requests:
                 try:
-                    got = queues.wait_until_nonempty(self.devices, self._in, idle_timeout,
-                                                     "queries",
-                                                     should_stop=self._stop_event.is_set)
+                    got = self._in.wait(idle_timeout, "queries",
+                                        should_stop=self._stop_event.is_set)
                 except TimeoutError:
                     _log("no query for {:g} s (idle_timeout): stopping after {} "
                          "answers".format(float(idle_timeout), answered))
@@ -237,7 +229,7 @@ class SharedModel:
         would kill the workers under a client that is reading its last answer.
         """
         deadline = time.monotonic() + timeout
-        while any(queues.size(d, h) > 0 for d, h in zip(self.devices, self._out)):
+        while self._out.pending():
             if self._stop_event.is_set():
                 return
             if time.monotonic() > deadline:
@@ -273,7 +265,7 @@ def share(model, cluster, protocol="aby3", batch_size=None):
         model: a Keras 3 / tf.keras model (Sequential or a simple functional chain), or the
             path of a ``.keras`` / ``.h5`` file.
         cluster: a started :class:`~privatekeras.Cluster`.
-        protocol: ``"aby3"`` (default).
+        protocol: ``"aby3"`` (default) or ``"securenn"``.
         batch_size: images per private evaluation; defaults to the model's fixed batch size,
             else 1. Clients may send any number of images: they are padded to whole batches.
     Returns:
