@@ -32,7 +32,7 @@ r-install:
 	R CMD INSTALL --no-test-load -l $(RLIB) . >/dev/null
 
 test-r: r-install
-	$(R_ENV) Rscript tools/run-r-tests.R
+	$(R_ENV) PRIVATEKERAS_TEST_INSTALL=true Rscript tools/run-r-tests.R
 
 # R CMD check on the built tarball. Tests run in test-r (not twice); keras3/keras/tensorflow
 # (Suggests) are not installable on Debian, hence _R_CHECK_FORCE_SUGGESTS_=false.

@@ -65,6 +65,10 @@ test_that("R owner and R client (separate processes) agree with plaintext Keras"
   # Bad input from R never reaches Python.
   expect_error(query(late, m$images[1, 1:27, , , drop = FALSE]), "has dimensions")
 
+  # Detached from the cluster, plain Keras runs locally again.
+  expect_invisible(disconnect(late))
+  expect_equal(dim(m$model$predict(m$images[1:2, , , , drop = FALSE], verbose = 0L)), c(2L, 10L))
+
   pk_stop(cl)
   expect_output(print(cl), "stopped")
 })
