@@ -45,16 +45,17 @@ def test_batch8_from_model_object_matches_plaintext(models, tmp_path):
 
 
 def test_securenn_matches_plaintext(models, tmp_path):
+    """SecureNN on the BatchNormalization/MaxPooling/strided-conv model, batch 4."""
     out = tmp_path / "logits.npy"
     n = 40
     np.save(tmp_path / "images.npy", np.load(models / "images.npy")[:n])
-    flow = Flow(["--model", str(models / "tutorial.keras"), "--as-object", "--batch-size", "4",
+    flow = Flow(["--model", str(models / "bn.keras"), "--as-object", "--batch-size", "4",
                  "--num-requests", str(n // 4), "--protocol", "securenn"],
                 ["--images", str(tmp_path / "images.npy"), "--out", str(out),
                  "--rows-per-query", "8", "--input-shape", "4,28,28,1",
                  "--output-shape", "4,10"]).check()
     assert "protocol=securenn" in flow.owner_out
-    _compare(np.load(out), np.load(models / "tutorial_logits.npy")[:n], SECURENN_LOGIT_ATOL)
+    _compare(np.load(out), np.load(models / "bn_logits.npy")[:n], SECURENN_LOGIT_ATOL)
 
 
 def test_pond_is_not_offered():

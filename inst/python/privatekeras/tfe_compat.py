@@ -3,7 +3,8 @@
 TFE 0.9.1 was built against a patched TensorFlow: ABY3 imports ``glob_stateful_parallelism``
 from ``while_v2`` and passes ``stateful_parallelism=`` to ``_build_while_op``; Pond's pooling
 uses the TF1-only ``tf.Dimension``. We add those names before importing TFE, then replace its
-``secure_random`` and ``aux`` op modules (which it could not load) with our own kernels.
+``secure_random`` and ``aux`` op modules (which it could not load) with our own kernels, and
+correct SecureNN's max-pool strides.
 
 Every process that runs secure ops (model owner, clients and each worker) goes through
 ``import_tfe()``, so the kernels are registered wherever the ops are placed.
@@ -67,6 +68,7 @@ def import_tfe():
     finally:
         tfe_logger.setLevel(level)
 
+    _fix_securenn_maxpool()
     tfe_secure_random.secure_random_module = loader.SecureRandomModule(module)
     tfe_aux.aux_module = loader.AuxModule(module)
     import tf_encrypted.operations.aux as aux_pkg
@@ -76,6 +78,27 @@ def import_tfe():
         raise RuntimeError("secure randomness is not active; refusing to continue")
     _tfe = tfe
     return tfe
+
+
+def _fix_securenn_maxpool():
+    """SecureNN's max-pool im2col passes ``strides[0]`` (an int) where a pair is expected,
+    which fails, and would ignore the second stride. Use both strides."""
+    import tensorflow as tf
+    from tf_encrypted.protocol.securenn import securenn
+    from tf_encrypted.tensor.shared import out_size
+
+    def _im2col(prot, x, pool_size, strides, padding):
+        batch, channels, height, width = x.shape
+        out_height, out_width = out_size([int(height), int(width)], pool_size, strides, padding)
+        patches = []
+        for device, share in zip((prot.server_0.device_name, prot.server_1.device_name),
+                                 x.unwrapped):
+            with tf.device(device):
+                split = share.reshape((batch * channels, 1, height, width))
+                patches.append(split.im2col(pool_size[0], pool_size[1], list(strides), padding))
+        return patches[0], patches[1], [out_height, out_width, int(batch), int(channels)]
+
+    securenn._im2col = _im2col
 
 
 def secure_randomness_active():
