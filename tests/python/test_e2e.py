@@ -122,6 +122,21 @@ def test_query_without_a_served_model_fails_within_the_timeout():
     assert time.monotonic() - t0 < 90
 
 
+def test_connecting_to_workers_that_are_not_running_fails_within_the_timeout():
+    code = (
+        "import time, privatekeras as pk, sys\n"
+        "c = pk.Cluster(sys.argv[1].split(','), auto_managed=False)\n"
+        "t = time.monotonic()\n"
+        "try:\n    pk.connect(c, (1, 28, 28, 1), (1, 10), timeout=3)\n"
+        "except pk.WorkerUnavailableError as e:\n"
+        "    print('UNREACHABLE', round(time.monotonic() - t, 1), e)\n")
+    out = subprocess.run([sys.executable, "-c", code, ",".join(free_hosts())], env=child_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert "UNREACHABLE" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert float(out.stdout.split("UNREACHABLE")[1].split()[0]) < 10
+    assert "is the cluster started?" in out.stdout
+
+
 def test_syft_tutorial_scripts_run_unchanged_but_for_the_import(models, tmp_path):
     import keras
 

@@ -72,3 +72,13 @@ test_that("a port in use is a clear error and leaves nothing running", {
 test_that("install_privatekeras() refuses a missing Python", {
   expect_error(install_privatekeras(python = "/nonexistent/python3"), "no Python 3 found")
 })
+
+test_that("connecting to workers that are not running fails within the timeout", {
+  skip_if_no_privatekeras()
+  cl <- pk_cluster(free_hosts(), auto_managed = FALSE)
+  t0 <- Sys.time()
+  err <- tryCatch(connect(cl, c(1, 28, 28, 1), c(1, 10), timeout = 2), error = function(e) e)
+  expect_s3_class(err, "privatekeras_WorkerUnavailableError")
+  expect_match(conditionMessage(err), "is the cluster started\\?")
+  expect_lt(as.numeric(difftime(Sys.time(), t0, units = "secs")), 15)
+})

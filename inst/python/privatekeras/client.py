@@ -55,7 +55,7 @@ class Client:
             raise InputError("input_shape and output_shape must have the same batch size, got "
                              "{} and {}".format(self.input_shape, self.output_shape))
         self.timeout = float(timeout)
-        connect_process(cluster)
+        connect_process(cluster, timeout=self.timeout)
         self.devices = cluster.devices
         self._ready = ready_handles(cluster)
         self._spec = None
@@ -144,7 +144,7 @@ class Client:
         """
         x = self._check_input(x)
         if self._spec is None:
-            connect_process(self.cluster)  # again, after close()
+            connect_process(self.cluster, timeout=self.timeout)  # again, after close()
             self._ready = ready_handles(self.cluster)
             self._connect_model()
         layout = self._layout

@@ -296,10 +296,36 @@ atexit.register(_stop_all)
 _connected = None
 
 
-def connect_process(cluster):
+def wait_reachable(cluster, timeout):
+    """Wait until every worker accepts TCP connections; a clear error after ``timeout`` s.
+
+    TensorFlow's own connect blocks without limit on an address where nothing listens.
+    """
+    deadline = time.monotonic() + timeout
+    pending = list(cluster.hosts)
+    reported = False
+    while True:
+        pending = [h for h in pending if not _accepts(*parse_host(h))]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            from .errors import WorkerUnavailableError
+
+            raise WorkerUnavailableError(
+                "cannot reach worker(s) {} (waited {:.0f} s): is the cluster started? The "
+                "model owner starts it with Cluster.start() / pk_start()".format(
+                    ", ".join(pending), timeout))
+        if not reported:
+            _log("waiting for workers {} to answer ...".format(", ".join(pending)))
+            reported = True
+        time.sleep(0.2)
+
+
+def connect_process(cluster, timeout=60.0):
     """Make the three workers' devices usable from this process (once per process).
 
     TensorFlow allows one cluster per process: connecting to a different one is an error.
+    Unreachable workers give WorkerUnavailableError after ``timeout`` seconds.
     """
     global _connected
     key = tuple(cluster.hosts)
@@ -310,6 +336,7 @@ def connect_process(cluster):
             "this process is already connected to cluster {}; TensorFlow supports one cluster "
             "per process, so use a new process for {}".format(list(_connected), cluster.hosts)
         )
+    wait_reachable(cluster, timeout)
     import tensorflow as tf
 
     tf.config.experimental_connect_to_host(cluster.hosts, job_name=cluster.job_name)
