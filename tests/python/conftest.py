@@ -158,7 +158,7 @@ class Flow:
             self.client_out = self.client.communicate()[0]
             self.owner_out = self.owner.communicate()[0]
             raise AssertionError("flow timed out\nOWNER:\n{}\nCLIENT:\n{}".format(
-                self.owner_out[-3000:], self.client_out[-3000:]))
+                self.owner_out[-3000:], self.client_out[-3000:])) from None
 
     def check(self):
         assert self.client.returncode == 0 and self.owner.returncode == 0, (

@@ -1,6 +1,5 @@
 """Workers as real processes: start, loopback binding, bad configurations, stop by PID."""
 
-import os
 import socket
 
 import pytest

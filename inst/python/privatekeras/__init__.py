@@ -29,7 +29,7 @@ from .serving import SharedModel, share  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cluster", "share", "SharedModel", "connect", "Client", "convert", "SUPPORTED_LAYERS",
+    "Cluster", "share", "data", "SharedModel", "connect", "Client", "convert", "SUPPORTED_LAYERS",
     "KerasHook", "TFEWorker", "TFECluster", "secure_randomness_active",
     "PrivateKerasError", "ClusterError", "PortInUseError", "UnsupportedLayerError",
     "InputError", "NotServingError", "WorkerUnavailableError", "KernelsMissingError",

@@ -94,7 +94,6 @@ class Client:
             time.sleep(0.05)
 
     def _connect_model(self):
-        import tensorflow as tf
 
         spec = self._read_spec()
         if tuple(spec["input_shape"][1:]) != self.input_shape[1:] or \

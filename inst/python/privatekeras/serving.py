@@ -7,13 +7,12 @@ import sys
 import threading
 import time
 
-import numpy as np
 
 from . import queues
 from .backends import ENGINES, check_protocol
 from .cluster import connect_process
 from .convert import convert
-from .errors import NotServingError, PrivateKerasError, WorkerUnavailableError
+from .errors import PrivateKerasError, WorkerUnavailableError
 
 READY_QUEUE = "privatekeras/ready"
 
@@ -43,7 +42,6 @@ class SharedModel:
     """
 
     def __init__(self, model, cluster, protocol="aby3", batch_size=None):
-        import tensorflow as tf
 
         self.protocol = check_protocol(protocol)
         self.cluster = cluster
@@ -274,4 +272,4 @@ def share(model, cluster, protocol="aby3", batch_size=None):
     return SharedModel(model, cluster, protocol=protocol, batch_size=batch_size)
 
 
-__all__ = ["SharedModel", "share", "NotServingError"]
+__all__ = ["SharedModel", "share"]
