@@ -339,7 +339,8 @@ def connect_process(cluster, timeout=60.0):
     wait_reachable(cluster, timeout)
     import tensorflow as tf
 
-    tf.config.experimental_connect_to_host(cluster.hosts, job_name=cluster.job_name)
+    with _quiet_native_stderr():  # TF's C++ logger announces the local server it starts
+        tf.config.experimental_connect_to_host(cluster.hosts, job_name=cluster.job_name)
     _connected = key
 
 
@@ -358,6 +359,24 @@ def disconnect_process():
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    tf.config.experimental_connect_to_cluster(
-        tf.train.ClusterSpec({"localhost": ["localhost:{}".format(port)]}), job_name="localhost")
+    with _quiet_native_stderr():  # TF logs the server swap and closing remote contexts
+        tf.config.experimental_connect_to_cluster(
+            tf.train.ClusterSpec({"localhost": ["localhost:{}".format(port)]}),
+            job_name="localhost")
     _connected = None
+
+
+class _quiet_native_stderr:
+    """Silence file descriptor 2 (C++ logging) for the duration of one expected-noisy call;
+    Python exceptions still propagate."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
