@@ -14,7 +14,7 @@ from . import queues
 from .backends import LAYOUTS
 from .cluster import connect_process, disconnect_process
 from .errors import InputError, NotServingError, WorkerUnavailableError
-from .serving import queue_names, ready_handles
+from .serving import ack_handle, queue_names, ready_handles
 
 
 def _as_shape(shape, what):
@@ -58,6 +58,7 @@ class Client:
         connect_process(cluster, timeout=self.timeout)
         self.devices = cluster.devices
         self._ready = ready_handles(cluster)
+        self._ack = ack_handle(cluster)
         self._spec = None
         self._handles = None
 
@@ -145,6 +146,7 @@ class Client:
         if self._spec is None:
             connect_process(self.cluster, timeout=self.timeout)  # again, after close()
             self._ready = ready_handles(self.cluster)
+            self._ack = ack_handle(self.cluster)
             self._connect_model()
         layout = self._layout
         # Encode everything first: a bad value fails the query before anything is sent.
@@ -190,6 +192,8 @@ class Client:
             ins.put(per_worker)
             self._wait_answer(outs)
             got = [tuple(t.numpy() for t in shares) for shares in outs.take()]
+            # The answer is in this process now: let the owner know it may stop.
+            queues.enqueue(self.devices[0], self._ack, [tf.constant(1, tf.int64)])
         except tf.errors.OpError as exc:
             raise WorkerUnavailableError("a worker stopped answering during the query: "
                                          "{}".format(queues._first_line(exc))) from None

@@ -15,6 +15,7 @@ from .convert import convert
 from .errors import PrivateKerasError, WorkerUnavailableError
 
 READY_QUEUE = "privatekeras/ready"
+ACK_QUEUE = "privatekeras/ack"
 
 
 def _log(msg):
@@ -26,6 +27,13 @@ def queue_names(protocol, batch_size, input_shape, output_shape):
     sig = "{}/b{}/{}->{}".format(protocol, batch_size, "x".join(map(str, input_shape)),
                                  "x".join(map(str, output_shape)))
     return "privatekeras/in/" + sig, "privatekeras/out/" + sig
+
+
+def ack_handle(cluster):
+    """Queue on worker 0 where clients acknowledge each answer once it is in their hands."""
+    import tensorflow as tf
+
+    return queues.open_queue(cluster.devices[0], ACK_QUEUE, [tf.int64], [[]], 4096)
 
 
 def ready_handles(cluster):
@@ -71,6 +79,8 @@ class SharedModel:
         self._in = queues.ShareQueues(self.devices, in_name, counts, self.input_shape)
         self._out = queues.ShareQueues(self.devices, out_name, counts, self.output_shape)
         self._ready = ready_handles(cluster)
+        self._ack = ack_handle(cluster)
+        self._acked = 0
         self._step = None
         cluster.on_stop(self._release)
         self._stop_event = threading.Event()
@@ -128,9 +138,11 @@ class SharedModel:
                     "another model is already being served on this cluster (owner pid {}); "
                     "stop it first".format(owner.get("pid")))
             self._withdraw()
-        # Drop answers and queries left over from an earlier serving session.
+        # Drop answers, queries and acknowledgments left over from an earlier session.
         self._in.drain()
         self._out.drain()
+        self._collect_acks()
+        self._acked = 0
         spec = tf.constant(json.dumps(self.public_spec))
         for d, h in zip(self.devices, self._ready):
             queues.enqueue(d, h, [spec])
@@ -212,22 +224,35 @@ class SharedModel:
                             queues._first_line(exc))) from None
                 answered += 1
                 self.served += 1
+                self._collect_acks()
                 _log("answered request {}{}".format(
                     answered, "" if num_requests is None else "/{}".format(num_requests)))
-            self._await_pickup()
+            self._await_pickup(answered)
         finally:
             self.serving = False
             self._withdraw()
         return answered
 
-    def _await_pickup(self, timeout=60.0):
-        """Wait until clients have collected the answers still in the output queues.
+    def _collect_acks(self):
+        """Take the clients' acknowledgments off worker 0; returns those of this session."""
+        import tensorflow as tf
 
-        Otherwise a caller that stops the cluster right after serve() (as the tutorial does)
-        would kill the workers under a client that is reading its last answer.
+        device = self.devices[0]
+        while queues.size(device, self._ack) > 0:
+            queues.dequeue(device, self._ack, [tf.int64])
+            self._acked += 1
+        return self._acked
+
+    def _await_pickup(self, answered, timeout=60.0):
+        """Wait until clients have acknowledged every answer (they ack once the values are
+        in their own process).
+
+        A dequeue runs on the worker and the client fetches the value afterwards; a caller
+        that stops the cluster right after serve() (as the tutorial does) would otherwise
+        kill the workers under a client still reading its last answer.
         """
         deadline = time.monotonic() + timeout
-        while self._out.pending():
+        while self._collect_acks() < answered:
             if self._stop_event.is_set():
                 return
             if time.monotonic() > deadline:
