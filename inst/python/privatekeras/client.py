@@ -5,7 +5,6 @@ shares, drawn from the OS CSPRNG. The client alone collects all output shares an
 reconstructs the logits. It needs TensorFlow for the transport but not TF Encrypted.
 """
 
-import json
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ from . import queues
 from .backends import LAYOUTS
 from .cluster import connect_process, disconnect_process
 from .errors import InputError, NotServingError, WorkerUnavailableError
-from .serving import ack_handle, queue_names, ready_handles
+from .serving import ack_handle, peek_spec, queue_names, ready_handles
 
 
 def _as_shape(shape, what):
@@ -55,12 +54,16 @@ class Client:
             raise InputError("input_shape and output_shape must have the same batch size, got "
                              "{} and {}".format(self.input_shape, self.output_shape))
         self.timeout = float(timeout)
-        connect_process(cluster, timeout=self.timeout)
         self.devices = cluster.devices
-        self._ready = ready_handles(cluster)
-        self._ack = ack_handle(cluster)
         self._spec = None
         self._handles = None
+        self._attach()
+
+    def _attach(self):
+        """Connect this process to the cluster and open the ready and ack queues."""
+        connect_process(self.cluster, timeout=self.timeout)
+        self._ready = ready_handles(self.cluster)
+        self._ack = ack_handle(self.cluster)
 
     def __repr__(self):
         return "<privatekeras.Client input={} output={} cluster={}>".format(
@@ -82,9 +85,7 @@ class Client:
         while True:
             if self._served():
                 try:
-                    raw = queues.dequeue(self.devices[0], self._ready[0], [tf.string])[0]
-                    queues.enqueue(self.devices[0], self._ready[0], [raw])
-                    return json.loads(raw.numpy().decode())
+                    return peek_spec(self.devices[0], self._ready[0])
                 except tf.errors.OpError:
                     pass  # raced with another reader or with stop(); look again
             if time.monotonic() > deadline:
@@ -95,7 +96,6 @@ class Client:
             time.sleep(0.05)
 
     def _connect_model(self):
-
         spec = self._read_spec()
         if tuple(spec["input_shape"][1:]) != self.input_shape[1:] or \
                 tuple(spec["output_shape"][1:]) != self.output_shape[1:]:
@@ -143,10 +143,9 @@ class Client:
         (the last one padded with zeros, which are discarded).
         """
         x = self._check_input(x)
+        if self._ready is None:
+            self._attach()  # again, after close()
         if self._spec is None:
-            connect_process(self.cluster, timeout=self.timeout)  # again, after close()
-            self._ready = ready_handles(self.cluster)
-            self._ack = ack_handle(self.cluster)
             self._connect_model()
         layout = self._layout
         # Encode everything first: a bad value fails the query before anything is sent.
@@ -168,7 +167,7 @@ class Client:
         model owner has stopped them.
         """
         disconnect_process()
-        self._spec = self._handles = None
+        self._spec = self._handles = self._ready = self._ack = None
 
     def __enter__(self):
         return self

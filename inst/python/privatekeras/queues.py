@@ -48,6 +48,15 @@ def close(device, handle):
         tf.raw_ops.QueueCloseV2(handle=handle, cancel_pending_enqueues=True)
 
 
+def drain(device, handle, dtypes):
+    """Dequeue everything the queue holds now; returns how many items were dropped."""
+    n = 0
+    while size(device, handle) > 0:
+        dequeue(device, handle, dtypes)
+        n += 1
+    return n
+
+
 def wait_until_nonempty(devices, handles, timeout, what, should_stop=None):
     """Poll the queues until each holds an item; returns False if ``should_stop()`` fired.
 
@@ -118,5 +127,4 @@ class ShareQueues:
     def drain(self):
         """Drop every item left over (from an earlier serving session)."""
         for _, device, dtypes, handle in self.slots:
-            while size(device, handle) > 0:
-                dequeue(device, handle, dtypes)
+            drain(device, handle, dtypes)

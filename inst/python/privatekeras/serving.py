@@ -29,6 +29,15 @@ def queue_names(protocol, batch_size, input_shape, output_shape):
     return "privatekeras/in/" + sig, "privatekeras/out/" + sig
 
 
+def peek_spec(device, ready):
+    """The served model's public spec from a ready queue, left in place for others."""
+    import tensorflow as tf
+
+    raw = queues.dequeue(device, ready, [tf.string])[0]
+    queues.enqueue(device, ready, [raw])
+    return json.loads(raw.numpy().decode())
+
+
 def ack_handle(cluster):
     """Queue on worker 0 where clients acknowledge each answer once it is in their hands."""
     import tensorflow as tf
@@ -128,10 +137,7 @@ class SharedModel:
 
         sizes = [queues.size(d, h) for d, h in zip(self.devices, self._ready)]
         if any(sizes):
-            other = json.loads(queues.dequeue(self.devices[0], self._ready[0],
-                                              [tf.string])[0].numpy().decode())
-            queues.enqueue(self.devices[0], self._ready[0], [tf.constant(json.dumps(other))])
-            owner = other.get("owner", {})
+            owner = peek_spec(self.devices[0], self._ready[0]).get("owner", {})
             alive = owner.get("host") == socket.gethostname() and _pid_alive(owner.get("pid"))
             if alive and owner.get("pid") != os.getpid():
                 raise PrivateKerasError(
@@ -152,8 +158,7 @@ class SharedModel:
 
         for d, h in zip(self.devices, self._ready):
             try:
-                while queues.size(d, h) > 0:
-                    queues.dequeue(d, h, [tf.string])
+                queues.drain(d, h, [tf.string])
             except tf.errors.OpError:
                 pass  # the worker is gone; nothing to withdraw there
 
@@ -237,10 +242,7 @@ class SharedModel:
         """Take the clients' acknowledgments off worker 0; returns those of this session."""
         import tensorflow as tf
 
-        device = self.devices[0]
-        while queues.size(device, self._ack) > 0:
-            queues.dequeue(device, self._ack, [tf.int64])
-            self._acked += 1
+        self._acked += queues.drain(self.devices[0], self._ack, [tf.int64])
         return self._acked
 
     def _await_pickup(self, answered, timeout=60.0):
