@@ -16,6 +16,10 @@ PYDIR = os.path.join(ROOT, "inst", "python")
 SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
 sys.path.insert(0, PYDIR)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Every process this test run starts inherits this tag, so the leak check counts only our
+# own workers (other test runs on the same machine are none of its business).
+RUN_TAG = "PRIVATEKERAS_TEST_RUN={}".format(os.getpid())
+os.environ["PRIVATEKERAS_TEST_RUN"] = str(os.getpid())
 
 from privatekeras.cluster import _port_in_use  # noqa: E402
 
@@ -42,7 +46,7 @@ def free_hosts():
 
 
 def worker_pids():
-    """PIDs of every running privatekeras worker process on this machine."""
+    """PIDs of the running privatekeras worker processes started by this test run."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -50,9 +54,13 @@ def worker_pids():
         try:
             with open("/proc/{}/cmdline".format(entry), "rb") as f:
                 cmd = f.read().split(b"\0")
+            if b"privatekeras.worker" not in cmd:
+                continue
+            with open("/proc/{}/environ".format(entry), "rb") as f:
+                env = f.read().split(b"\0")
         except OSError:
             continue
-        if b"privatekeras.worker" in cmd:
+        if RUN_TAG.encode() in env:
             pids.append(int(entry))
     return pids
 
