@@ -21,8 +21,8 @@ from .client import Client, connect  # noqa: E402
 from .cluster import Cluster  # noqa: E402
 from .convert import SUPPORTED_LAYERS, convert  # noqa: E402
 from .errors import (ClusterError, InputError, KernelsMissingError, NotServingError,
-                     PortInUseError, PrivateKerasError, UnsupportedLayerError,
-                     WorkerUnavailableError)  # noqa: E402
+                     OwnerUnavailableError, PortInUseError, PrivateKerasError,
+                     UnsupportedLayerError, WorkerUnavailableError)  # noqa: E402
 from .hook import KerasHook, TFECluster, TFEWorker  # noqa: E402
 from .serving import SharedModel, share  # noqa: E402
 
@@ -32,7 +32,8 @@ __all__ = [
     "Cluster", "share", "data", "SharedModel", "connect", "Client", "convert", "SUPPORTED_LAYERS",
     "KerasHook", "TFEWorker", "TFECluster", "secure_randomness_active",
     "PrivateKerasError", "ClusterError", "PortInUseError", "UnsupportedLayerError",
-    "InputError", "NotServingError", "WorkerUnavailableError", "KernelsMissingError",
+    "InputError", "NotServingError", "WorkerUnavailableError", "OwnerUnavailableError",
+    "KernelsMissingError",
 ]
 
 

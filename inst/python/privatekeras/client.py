@@ -5,6 +5,7 @@ shares, drawn from the OS CSPRNG. The client alone collects all output shares an
 reconstructs the logits. It needs TensorFlow for the transport but not TF Encrypted.
 """
 
+import os
 import time
 
 import numpy as np
@@ -13,7 +14,7 @@ from . import queues
 from .backends import LAYOUTS
 from .cluster import connect_process, disconnect_process
 from .errors import InputError, NotServingError, WorkerUnavailableError
-from .serving import ack_handle, peek_spec, queue_names, ready_handles
+from .serving import Board, OwnerWatch, mailbox_name
 
 
 def _as_shape(shape, what):
@@ -55,45 +56,44 @@ class Client:
                              "{} and {}".format(self.input_shape, self.output_shape))
         self.timeout = float(timeout)
         self.devices = cluster.devices
+        self.client_id = os.urandom(8).hex()  # names this client's own queues; not secret
         self._spec = None
-        self._handles = None
+        self._board = None
         self._attach()
 
     def _attach(self):
-        """Connect this process to the cluster and open the ready and ack queues."""
+        """Connect this process to the cluster and open the public state on worker 0."""
         connect_process(self.cluster, timeout=self.timeout)
-        self._ready = ready_handles(self.cluster)
-        self._ack = ack_handle(self.cluster)
+        self._board = Board(self.cluster)
 
     def __repr__(self):
         return "<privatekeras.Client input={} output={} cluster={}>".format(
             self.input_shape, self.output_shape, ", ".join(self.cluster.hosts))
 
     # -- the served model's public spec -------------------------------------------------
-    def _served(self):
-        try:
-            return all(queues.size(d, h) > 0 for d, h in zip(self.devices, self._ready))
-        except Exception as exc:  # noqa: BLE001 - any transport failure means unreachable
-            raise WorkerUnavailableError(
-                "cannot reach the workers {}: {}".format(self.cluster.hosts,
-                                                         queues._first_line(exc))) from None
-
     def _read_spec(self):
-        import tensorflow as tf
-
+        """The served model's spec, waiting up to ``timeout`` for one to be served."""
         deadline = time.monotonic() + self.timeout
         while True:
-            if self._served():
-                try:
-                    return peek_spec(self.devices[0], self._ready[0])
-                except tf.errors.OpError:
-                    pass  # raced with another reader or with stop(); look again
+            spec = self._call(self._board.spec)
+            if spec is not None:
+                return spec
             if time.monotonic() > deadline:
                 raise NotServingError(
                     "no model is being served on cluster {} (waited {:.0f} s): start serving "
                     "with serve() in the model owner's process first".format(
                         self.cluster.hosts, self.timeout))
             time.sleep(0.05)
+
+    def _call(self, fn, *args):
+        """Run a transport call; a worker that does not answer becomes a clear error."""
+        import tensorflow as tf
+
+        try:
+            return fn(*args)
+        except tf.errors.OpError as exc:
+            raise WorkerUnavailableError("cannot reach the workers {}: {}".format(
+                self.cluster.hosts, queues._first_line(exc))) from None
 
     def _connect_model(self):
         spec = self._read_spec()
@@ -104,13 +104,14 @@ class Client:
                 "client was connected with input_shape={} and output_shape={}".format(
                     tuple(spec["input_shape"]), tuple(spec["output_shape"]), self.input_shape,
                     self.output_shape))
-        layout = LAYOUTS[spec["protocol"]]
-        in_name, out_name = queue_names(spec["protocol"], spec["batch_size"],
-                                        spec["input_shape"][1:], spec["output_shape"][1:])
-        counts = layout.share_counts
-        ins = queues.ShareQueues(self.devices, in_name, counts, spec["input_shape"])
-        outs = queues.ShareQueues(self.devices, out_name, counts, spec["output_shape"])
-        self._spec, self._layout, self._handles = spec, layout, (ins, outs)
+        if self._spec is None or self._spec["signature"] != spec["signature"]:
+            layout = LAYOUTS[spec["protocol"]]
+            self._mailbox = self._call(
+                queues.Mailbox, self.devices, mailbox_name(spec["signature"], self.client_id),
+                layout.share_counts, spec["input_shape"], spec["output_shape"])
+            self._tickets = self._call(self._board.tickets, spec["signature"])
+            self._layout = layout
+        self._spec = spec
 
     # -- queries ------------------------------------------------------------------------
     def _check_input(self, x):
@@ -143,7 +144,7 @@ class Client:
         (the last one padded with zeros, which are discarded).
         """
         x = self._check_input(x)
-        if self._ready is None:
+        if self._board is None:
             self._attach()  # again, after close()
         if self._spec is None:
             self._connect_model()
@@ -160,14 +161,22 @@ class Client:
         return np.concatenate(outs, axis=0)[:n].astype(np.float32)
 
     def close(self):
-        """Detach this process from the cluster (back to local TensorFlow).
+        """Remove this client's queues from the workers and detach this process from the
+        cluster (back to local TensorFlow).
 
         Call it when done querying: while connected, TensorFlow registers every new
         ``tf.function`` (even a plain ``model.predict``) on the workers, which hangs once the
         model owner has stopped them.
         """
+        import tensorflow as tf
+
+        if self._spec is not None:
+            try:
+                self._mailbox.destroy()
+            except tf.errors.OpError:
+                pass  # the workers are gone, and the queues with them
         disconnect_process()
-        self._spec = self._handles = self._ready = self._ack = None
+        self._spec = self._board = self._mailbox = self._tickets = None
 
     def __enter__(self):
         return self
@@ -180,34 +189,39 @@ class Client:
         return softmax(self.query(x).astype(np.float64)).astype(np.float32)
 
     def _query_batch(self, xb):
+        """Send one batch's shares to this client's queues, post a ticket, await the answer.
+
+        The ticket (our id, on worker 0) goes out only once every worker holds our shares,
+        so the owner's step always finds a complete query in our own queues.
+        """
         import tensorflow as tf
 
-        ins, outs = self._handles
         per_worker = self._layout.split(xb)
-        if not self._served():
-            raise NotServingError("the model is no longer being served on {}".format(
-                self.cluster.hosts))
+        watch = OwnerWatch(self._board, self._spec["session"])
         try:
-            ins.put(per_worker)
-            self._wait_answer(outs)
-            got = [tuple(t.numpy() for t in shares) for shares in outs.take()]
+            watch.check()  # raises NotServingError when nothing is served any more
+            self._mailbox.put_inputs(per_worker)
+            queues.enqueue(self.devices[0], self._tickets, [tf.constant(self.client_id)])
+            self._wait_answer(watch)
+            got = [tuple(t.numpy() for t in shares) for shares in self._mailbox.take_outputs()]
             # The answer is in this process now: let the owner know it may stop.
-            queues.enqueue(self.devices[0], self._ack, [tf.constant(1, tf.int64)])
+            self._board.post_ack()
         except tf.errors.OpError as exc:
             raise WorkerUnavailableError("a worker stopped answering during the query: "
                                          "{}".format(queues._first_line(exc))) from None
+        except NotServingError:
+            self._spec = None  # look the served model up again next time
+            raise
         return self._layout.reconstruct(got)
 
-    def _wait_answer(self, outs):
+    def _wait_answer(self, watch):
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                outs.wait(0.5, "the answer")
+                self._mailbox.wait_outputs(0.5, "the answer")
                 return
             except TimeoutError:
-                if not self._served():
-                    raise NotServingError("the model stopped being served before answering "
-                                          "this query") from None
+                watch.check()
                 if time.monotonic() > deadline:
                     raise WorkerUnavailableError(
                         "no answer within {:.0f} s: the model owner or a worker is stuck or "

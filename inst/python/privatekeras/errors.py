@@ -31,6 +31,10 @@ class WorkerUnavailableError(PrivateKerasError):
     """A worker stopped answering during a query or while serving."""
 
 
+class OwnerUnavailableError(PrivateKerasError):
+    """The model owner's process stopped serving without withdrawing (died or hangs)."""
+
+
 __all__ = [
     "PrivateKerasError",
     "ClusterError",
@@ -39,5 +43,6 @@ __all__ = [
     "InputError",
     "NotServingError",
     "WorkerUnavailableError",
+    "OwnerUnavailableError",
     "KernelsMissingError",
 ]

@@ -1,11 +1,10 @@
-"""Share queues on the workers: how inputs reach the model and outputs reach the client.
+"""Named state on the workers: FIFO queues and variables, shared between processes by name.
 
-For each served model, every worker holds three FIFO queues, named after the model's id:
-``in`` (that worker's shares of each query), ``out`` (its shares of each answer) and
-``ready`` (one public spec string while the model is served). The queues are created with
-raw ops: TF's ``FIFOQueue`` wrapper destroys a shared queue when any process that opened
-it exits, while a raw handle leaves it to the worker. Nobody blocks on a dequeue: readers poll
-the queue size first, so a worker's threads are never pinned and every wait has a timeout.
+Queues and variables are created with raw ops and a ``shared_name``, so every process that
+names them reaches the same object on that worker. (TF's ``FIFOQueue`` wrapper destroys a
+shared queue when any process that opened it exits; a raw handle leaves it to the worker.)
+Nobody blocks on a dequeue: readers poll the queue size first, so a worker's threads are never
+pinned and every wait has a timeout. :class:`Mailbox` holds one client's share queues.
 """
 
 import time
@@ -43,9 +42,29 @@ def size(device, handle):
         return int(tf.raw_ops.QueueSizeV2(handle=handle).numpy())
 
 
-def close(device, handle):
+def destroy(device, handle):
+    """Delete a queue (or variable) from its worker; later openers get a fresh one."""
     with tf.device(device):
-        tf.raw_ops.QueueCloseV2(handle=handle, cancel_pending_enqueues=True)
+        tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
+
+
+def open_variable(device, name, dtype):
+    """A handle to the scalar variable ``name`` on ``device`` (uninitialised at first)."""
+    with tf.device(device):
+        return tf.raw_ops.VarHandleOp(dtype=dtype, shape=[], shared_name=name)
+
+
+def read_variable(device, handle, dtype, default):
+    """The variable's value as a Python object, or ``default`` if it was never assigned."""
+    with tf.device(device):
+        if not bool(tf.raw_ops.VarIsInitializedOp(resource=handle).numpy()):
+            return default
+        return tf.raw_ops.ReadVariableOp(resource=handle, dtype=dtype).numpy()
+
+
+def assign_variable(device, handle, value, dtype):
+    with tf.device(device):
+        tf.raw_ops.AssignVariableOp(resource=handle, value=tf.constant(value, dtype))
 
 
 def drain(device, handle, dtypes):
@@ -68,7 +87,11 @@ def wait_until_nonempty(devices, handles, timeout, what, should_stop=None):
     pending = list(range(len(devices)))
     while pending:
         try:
-            pending = [i for i in pending if size(devices[i], handles[i]) == 0]
+            # Check in order and stop at the first empty queue: one RPC per poll while
+            # waiting, the others only once the first has its item.
+            first_empty = next((k for k, i in enumerate(pending)
+                                if size(devices[i], handles[i]) == 0), len(pending))
+            pending = pending[first_empty:]
         except (tf.errors.UnavailableError, tf.errors.CancelledError,
                 tf.errors.InternalError, tf.errors.AbortedError) as exc:
             raise WorkerUnavailableError(
@@ -90,41 +113,75 @@ def _first_line(exc):
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
-class ShareQueues:
-    """The queues of one kind (inputs or outputs) of a served model, one per worker that
-    receives shares: worker i holds ``counts[i]`` int64 shares of ``shape`` per item."""
+class Mailbox:
+    """One client's share queues for one served model signature.
 
-    def __init__(self, devices, name, counts, shape, capacity=64):
-        self.counts = tuple(counts)
-        self.shape = [int(d) for d in shape]
-        self.slots = []
-        for i, count in enumerate(self.counts):
+    On every worker that receives shares, ``in`` holds that worker's shares of each of the
+    client's queries and ``out`` its shares of each answer. Only this client puts inputs and
+    takes outputs; the model owner's step takes from ``in`` and puts to ``out``. Per-client
+    queues are what keep concurrent clients' shares and answers apart.
+    """
+
+    def __init__(self, devices, prefix, counts, in_shape, out_shape, capacity=16):
+        self.prefix = prefix
+        self.inputs = self._open(devices, prefix + "/in", counts, in_shape, capacity)
+        self.outputs = self._open(devices, prefix + "/out", counts, out_shape, capacity)
+
+    @staticmethod
+    def _open(devices, name, counts, shape, capacity):
+        slots = []
+        for i, count in enumerate(counts):
             if count:
                 dtypes = [tf.int64] * count
-                handle = open_queue(devices[i], name, dtypes, [self.shape] * count, capacity)
-                self.slots.append((i, devices[i], dtypes, handle))
+                handle = open_queue(devices[i], name, dtypes, [list(shape)] * count, capacity)
+                slots.append(Slot(i, devices[i], dtypes, [int(d) for d in shape], handle))
+        return slots
 
-    def put(self, per_worker):
-        """Enqueue each worker's shares on that worker (eagerly or inside a tf.function)."""
-        for i, device, _, handle in self.slots:
-            enqueue(device, handle, [tf.convert_to_tensor(s, tf.int64) for s in per_worker[i]])
+    @property
+    def handles(self):
+        """(input handles, output handles): the traced step's arguments."""
+        return [s.handle for s in self.inputs], [s.handle for s in self.outputs]
 
-    def take(self):
-        """Dequeue one item from each worker; returns a tuple of shares per worker."""
-        out = [() for _ in self.counts]
-        for i, device, dtypes, handle in self.slots:
-            out[i] = tuple(dequeue(device, handle, dtypes, [self.shape] * len(dtypes)))
-        return out
+    def put_inputs(self, per_worker):
+        put(self.inputs, per_worker)
 
-    def wait(self, timeout, what, should_stop=None):
-        """Poll until every worker's queue holds an item (see wait_until_nonempty)."""
-        return wait_until_nonempty([s[1] for s in self.slots], [s[3] for s in self.slots],
-                                   timeout, what, should_stop=should_stop)
+    def take_outputs(self):
+        return take(self.outputs)
 
-    def pending(self):
-        return any(size(device, handle) > 0 for _, device, _, handle in self.slots)
+    def wait_outputs(self, timeout, what):
+        return wait_until_nonempty([s.device for s in self.outputs],
+                                   [s.handle for s in self.outputs], timeout, what)
 
-    def drain(self):
-        """Drop every item left over (from an earlier serving session)."""
-        for _, device, dtypes, handle in self.slots:
-            drain(device, handle, dtypes)
+    def destroy(self):
+        """Delete this mailbox's queues from the workers (the client is done)."""
+        for slot in self.inputs + self.outputs:
+            destroy(slot.device, slot.handle)
+
+
+class Slot:
+    """One worker's queue of a mailbox: its position, device, component dtypes and shape."""
+
+    __slots__ = ("index", "device", "dtypes", "shape", "handle")
+
+    def __init__(self, index, device, dtypes, shape, handle):
+        self.index, self.device, self.dtypes, self.shape, self.handle = (
+            index, device, dtypes, shape, handle)
+
+    def with_handle(self, handle):
+        return Slot(self.index, self.device, self.dtypes, self.shape, handle)
+
+
+def put(slots, per_worker):
+    """Enqueue each worker's shares on that worker (eagerly or inside a tf.function)."""
+    for slot in slots:
+        enqueue(slot.device, slot.handle,
+                [tf.convert_to_tensor(s, tf.int64) for s in per_worker[slot.index]])
+
+
+def take(slots, workers=3):
+    """Dequeue one item from each slot; returns a list of share tuples, one per worker."""
+    out = [() for _ in range(workers)]
+    for slot in slots:
+        out[slot.index] = tuple(dequeue(slot.device, slot.handle, slot.dtypes,
+                                        [slot.shape] * len(slot.dtypes)))
+    return out

@@ -1,5 +1,6 @@
 """The model owner's side: share a Keras model's weights and serve private predictions."""
 
+import collections
 import json
 import os
 import socket
@@ -12,43 +13,138 @@ from . import queues
 from .backends import ENGINES, check_protocol
 from .cluster import connect_process
 from .convert import convert
-from .errors import PrivateKerasError, WorkerUnavailableError
+from .errors import (NotServingError, OwnerUnavailableError, PrivateKerasError,
+                     WorkerUnavailableError)
 
-READY_QUEUE = "privatekeras/ready"
+SPEC_VAR = "privatekeras/spec"
+BEAT_VAR = "privatekeras/heartbeat"
 ACK_QUEUE = "privatekeras/ack"
+BEAT_PERIOD = 0.5  # seconds between the serving owner's heartbeats
+OWNER_TIMEOUT = 6.0  # a heartbeat older than this means the model owner is gone
 
 
 def _log(msg):
     print("privatekeras: " + msg, file=sys.stderr, flush=True)
 
 
-def queue_names(protocol, batch_size, input_shape, output_shape):
-    """Names of the input and output share queues for one served model signature."""
-    sig = "{}/b{}/{}->{}".format(protocol, batch_size, "x".join(map(str, input_shape)),
-                                 "x".join(map(str, output_shape)))
-    return "privatekeras/in/" + sig, "privatekeras/out/" + sig
+def signature(protocol, batch_size, input_shape, output_shape):
+    """The name of one served model signature: protocol, batch size and shapes."""
+    return "{}/b{}/{}->{}".format(protocol, batch_size, "x".join(map(str, input_shape)),
+                                  "x".join(map(str, output_shape)))
 
 
-def peek_spec(device, ready):
-    """The served model's public spec from a ready queue, left in place for others."""
-    import tensorflow as tf
-
-    raw = queues.dequeue(device, ready, [tf.string])[0]
-    queues.enqueue(device, ready, [raw])
-    return json.loads(raw.numpy().decode())
+def tickets_name(sig):
+    """Queue on worker 0 where clients post their id once their shares are in place."""
+    return "privatekeras/tickets/" + sig
 
 
-def ack_handle(cluster):
-    """Queue on worker 0 where clients acknowledge each answer once it is in their hands."""
-    import tensorflow as tf
-
-    return queues.open_queue(cluster.devices[0], ACK_QUEUE, [tf.int64], [[]], 4096)
+def mailbox_name(sig, client_id):
+    return "privatekeras/mbox/{}/{}".format(sig, client_id)
 
 
-def ready_handles(cluster):
-    import tensorflow as tf
+def valid_client_id(client_id):
+    return len(client_id) == 16 and all(c in "0123456789abcdef" for c in client_id)
 
-    return [queues.open_queue(d, READY_QUEUE, [tf.string], [[]], 1) for d in cluster.devices]
+
+class Board:
+    """The public control state on worker 0, shared by the model owner and every client.
+
+    - ``spec``: the served model's public spec (JSON) while it is served, else empty;
+    - ``heartbeat``: ``"<session>:<count>"``, advanced by the serving owner every
+      ``BEAT_PERIOD`` seconds, empty when nothing is served. Clients tell from it that serving
+      stopped (empty), restarted (another session) or that the owner died (no change);
+    - ``ack``: clients acknowledge each answer once its values are in their own process;
+    - ``tickets(sig)``: the queue of client ids with a query waiting, in arrival order.
+    """
+
+    def __init__(self, cluster):
+        import tensorflow as tf
+
+        self.device = cluster.devices[0]
+        self._spec = queues.open_variable(self.device, SPEC_VAR, tf.string)
+        self._beat = queues.open_variable(self.device, BEAT_VAR, tf.string)
+        self.ack = queues.open_queue(self.device, ACK_QUEUE, [tf.int64], [[]], 4096)
+
+    def spec(self):
+        import tensorflow as tf
+
+        raw = queues.read_variable(self.device, self._spec, tf.string, b"")
+        return json.loads(raw.decode()) if raw else None
+
+    def heartbeat(self):
+        import tensorflow as tf
+
+        return queues.read_variable(self.device, self._beat, tf.string, b"").decode()
+
+    def publish(self, spec):
+        import tensorflow as tf
+
+        queues.assign_variable(self.device, self._spec, json.dumps(spec) if spec else "",
+                               tf.string)
+
+    def beat(self, value):
+        import tensorflow as tf
+
+        queues.assign_variable(self.device, self._beat, value, tf.string)
+
+    def tickets(self, sig):
+        import tensorflow as tf
+
+        return queues.open_queue(self.device, tickets_name(sig), [tf.string], [[]], 4096)
+
+    def post_ack(self):
+        import tensorflow as tf
+
+        queues.enqueue(self.device, self.ack, [tf.constant(1, tf.int64)])
+
+    def take_acks(self):
+        import tensorflow as tf
+
+        return queues.drain(self.device, self.ack, [tf.int64])
+
+
+class OwnerWatch:
+    """A client's view of the owner's heartbeat: raises once serving is over or the owner
+    has not beaten for ``OWNER_TIMEOUT`` seconds."""
+
+    def __init__(self, board, session):
+        self.board, self.session = board, session
+        self.last, self.since = None, time.monotonic()
+
+    def check(self):
+        beat = self.board.heartbeat()
+        if not beat:
+            raise NotServingError("the model stopped being served before answering this query")
+        session = beat.split(":")[0]
+        if session != self.session:
+            raise NotServingError("the model owner restarted serving while this query waited; "
+                                  "send it again")
+        now = time.monotonic()
+        if beat != self.last:
+            self.last, self.since = beat, now
+        elif now - self.since > OWNER_TIMEOUT:
+            raise OwnerUnavailableError(
+                "the model owner stopped answering (no heartbeat for {:.0f} s): its process "
+                "died or hangs".format(now - self.since))
+
+
+class _Heartbeat(threading.Thread):
+    """The serving owner's pulse on worker 0 (a daemon thread; stops with serve())."""
+
+    def __init__(self, board, session):
+        super().__init__(name="privatekeras-heartbeat", daemon=True)
+        self.board, self.session = board, session
+        self.done = threading.Event()
+
+    def run(self):
+        count = 0
+        while not self.done.is_set():
+            count += 1
+            try:
+                self.board.beat("{}:{}".format(self.session, count))
+            except Exception:  # noqa: BLE001 - worker 0 is gone; serve() reports it
+                return
+            self.done.wait(BEAT_PERIOD)
 
 
 class SharedModel:
@@ -82,13 +178,12 @@ class SharedModel:
             sum(len(layer.weights) for layer in self.spec.layers), self.spec.name))
         self._weights = self._engine.private_weights(self.spec.layers)
 
-        in_name, out_name = queue_names(self.protocol, batch_size, self.input_shape[1:],
-                                        self.output_shape[1:])
-        counts = self._engine.layout.share_counts
-        self._in = queues.ShareQueues(self.devices, in_name, counts, self.input_shape)
-        self._out = queues.ShareQueues(self.devices, out_name, counts, self.output_shape)
-        self._ready = ready_handles(cluster)
-        self._ack = ack_handle(cluster)
+        self.signature = signature(self.protocol, batch_size, self.input_shape[1:],
+                                   self.output_shape[1:])
+        self._board = Board(cluster)
+        self._tickets = self._board.tickets(self.signature)
+        self._mailboxes = collections.OrderedDict()  # client id -> Mailbox, recent last
+        self._session = None
         self._acked = 0
         self._step = None
         cluster.on_stop(self._release)
@@ -110,57 +205,86 @@ class SharedModel:
             "batch_size": self.batch_size,
             "input_shape": list(self.input_shape),
             "output_shape": list(self.output_shape),
+            "signature": self.signature,
+            "session": self._session,
             "output_activation": self.spec.output_activation,
             "fixed_point": {"base": self._engine.layout.base,
                             "frac_digits": self._engine.layout.frac_digits},
             "owner": {"host": socket.gethostname(), "pid": os.getpid()},
         }
 
-    def _build_step(self):
+    def _mailbox(self, client_id):
+        """The share queues of one client (opened on its first query, then cached)."""
+        box = self._mailboxes.pop(client_id, None)
+        if box is None:
+            box = queues.Mailbox(self.devices, mailbox_name(self.signature, client_id),
+                                 self._engine.layout.share_counts, self.input_shape,
+                                 self.output_shape)
+        self._mailboxes[client_id] = box
+        while len(self._mailboxes) > 1024:
+            self._mailboxes.popitem(last=False)
+        return box
+
+    def _build_step(self, template):
+        """The traced private evaluation; ``template`` gives the queues' devices and shapes,
+        each call passes the handles of the querying client's mailbox."""
         import tensorflow as tf
 
         engine, layers, weights = self._engine, self.spec.layers, self._weights
-        ins, outs = self._in, self._out
+        in_slots, out_slots = template.inputs, template.outputs
 
         @tf.function
-        def step():
+        def step(in_handles, out_handles):
+            """One private evaluation: the given client's shares in, its answer's shares out."""
             engine.fresh_randomness()
-            x = engine.wrap_input(ins.take())
-            y = engine.forward(layers, weights, x)
-            outs.put(engine.unwrap_output(y))
+            shares = queues.take([s.with_handle(h) for s, h in zip(in_slots, in_handles)])
+            y = engine.forward(layers, weights, engine.wrap_input(shares))
+            queues.put([s.with_handle(h) for s, h in zip(out_slots, out_handles)],
+                       engine.unwrap_output(y))
 
         return step
 
     def _claim_cluster(self):
-        """Publish our spec in the ready queues, unless a live owner already serves here."""
-        import tensorflow as tf
-
-        sizes = [queues.size(d, h) for d, h in zip(self.devices, self._ready)]
-        if any(sizes):
-            owner = peek_spec(self.devices[0], self._ready[0]).get("owner", {})
-            alive = owner.get("host") == socket.gethostname() and _pid_alive(owner.get("pid"))
-            if alive and owner.get("pid") != os.getpid():
-                raise PrivateKerasError(
-                    "another model is already being served on this cluster (owner pid {}); "
-                    "stop it first".format(owner.get("pid")))
-            self._withdraw()
-        # Drop answers, queries and acknowledgments left over from an earlier session.
-        self._in.drain()
-        self._out.drain()
-        self._collect_acks()
+        """Publish our spec on worker 0, unless a live owner already serves there."""
+        current = self._board.spec()
+        if current is not None:
+            owner = current.get("owner", {})
+            if owner.get("pid") != os.getpid() or owner.get("host") != socket.gethostname():
+                if self._owner_alive(owner):
+                    raise PrivateKerasError(
+                        "another model is already being served on this cluster (owner pid {} "
+                        "on {}); stop it first".format(owner.get("pid"), owner.get("host")))
+        # Drop queries and acknowledgments left over from an earlier session.
+        queues.drain(self.devices[0], self._tickets, [_string()])
+        self._board.take_acks()
         self._acked = 0
-        spec = tf.constant(json.dumps(self.public_spec))
-        for d, h in zip(self.devices, self._ready):
-            queues.enqueue(d, h, [spec])
+        self._session = os.urandom(8).hex()
+        self._board.beat("{}:0".format(self._session))
+        self._board.publish(self.public_spec)
+
+    def _owner_alive(self, owner):
+        """Whether the owner named in a published spec still serves (pid or heartbeat)."""
+        if owner.get("host") == socket.gethostname():
+            return _pid_alive(owner.get("pid"))
+        first = self._board.heartbeat()
+        deadline = time.monotonic() + 3 * BEAT_PERIOD
+        while time.monotonic() < deadline:
+            time.sleep(BEAT_PERIOD / 2)
+            if self._board.heartbeat() != first:
+                return True
+        return False
 
     def _withdraw(self):
+        """Tell clients nothing is served any more (best effort: the worker may be gone)."""
         import tensorflow as tf
 
-        for d, h in zip(self.devices, self._ready):
-            try:
-                queues.drain(d, h, [tf.string])
-            except tf.errors.OpError:
-                pass  # the worker is gone; nothing to withdraw there
+        try:
+            current = self._board.spec()
+            if current is None or current.get("session") == self._session:
+                self._board.beat("")
+                self._board.publish(None)
+        except tf.errors.OpError:
+            pass
 
     def _release(self):
         """Drop the traced step while the workers still run, so TF can unregister it."""
@@ -168,6 +292,7 @@ class SharedModel:
 
         self.stop()
         self._step = None
+        self._mailboxes.clear()
         gc.collect()
 
     def warm_up(self):
@@ -175,13 +300,20 @@ class SharedModel:
         if self._step is None:
             t0 = time.monotonic()
             _log("tracing the private model (first time only) ...")
-            self._step = self._build_step()
-            self._step.get_concrete_function()
+            template = queues.Mailbox(self.devices, mailbox_name(self.signature, "0" * 16),
+                                      self._engine.layout.share_counts, self.input_shape,
+                                      self.output_shape)
+            self._step = self._build_step(template)
+            self._step.get_concrete_function(*template.handles)
+            template.destroy()
             _log("traced in {:.1f} s".format(time.monotonic() - t0))
         return self
 
     def serve(self, num_requests=None, idle_timeout=None):
         """Answer private queries; blocks until ``num_requests`` are answered or :meth:`stop`.
+
+        Queries are answered one at a time in arrival order, each from the querying client's
+        own queues, so concurrent clients never see each other's answers.
 
         Args:
             num_requests: how many queries to answer; None serves until :meth:`stop` is
@@ -190,6 +322,8 @@ class SharedModel:
                 (None: wait indefinitely).
         Returns:
             the number of queries answered.
+        Raises:
+            WorkerUnavailableError: a worker stopped answering (serving ends).
         """
         import tensorflow as tf
 
@@ -206,62 +340,79 @@ class SharedModel:
         except tf.errors.OpError as exc:
             raise WorkerUnavailableError("a worker is not answering: {}".format(
                 queues._first_line(exc))) from None
+        heartbeat = _Heartbeat(self._board, self._session)
+        heartbeat.start()
         self.serving = True
         answered = 0
         _log("serving {} ({} requests)".format(
             self.spec.name, "unlimited" if num_requests is None else num_requests))
         try:
             while num_requests is None or answered < num_requests:
-                try:
-                    got = self._in.wait(idle_timeout, "queries",
-                                        should_stop=self._stop_event.is_set)
-                except TimeoutError:
-                    _log("no query for {:g} s (idle_timeout): stopping after {} "
-                         "answers".format(float(idle_timeout), answered))
-                    break
-                if not got:
+                client_id = self._next_ticket(idle_timeout, answered)
+                if client_id is None:
                     break
                 try:
-                    self._step()
+                    self._step(*self._mailbox(client_id).handles)
                 except tf.errors.OpError as exc:
                     raise WorkerUnavailableError(
                         "serving failed, a worker stopped answering: {}".format(
                             queues._first_line(exc))) from None
                 answered += 1
                 self.served += 1
-                self._collect_acks()
                 _log("answered request {}{}".format(
                     answered, "" if num_requests is None else "/{}".format(num_requests)))
             self._await_pickup(answered)
         finally:
+            heartbeat.done.set()
             self.serving = False
             self._withdraw()
         return answered
 
+    def _next_ticket(self, idle_timeout, answered):
+        """The id of the next client with a query waiting; None to stop serving."""
+        while True:
+            try:
+                got = queues.wait_until_nonempty([self.devices[0]], [self._tickets],
+                                                 idle_timeout, "queries",
+                                                 should_stop=self._stop_event.is_set)
+            except TimeoutError:
+                _log("no query for {:g} s (idle_timeout): stopping after {} "
+                     "answers".format(float(idle_timeout), answered))
+                return None
+            if not got:
+                return None
+            raw = queues.dequeue(self.devices[0], self._tickets, [_string()])[0]
+            client_id = raw.numpy().decode(errors="replace")
+            if valid_client_id(client_id):
+                return client_id
+            _log("ignored a malformed ticket {!r}".format(client_id[:40]))
+
     def _collect_acks(self):
         """Take the clients' acknowledgments off worker 0; returns those of this session."""
-        import tensorflow as tf
-
-        self._acked += queues.drain(self.devices[0], self._ack, [tf.int64])
+        self._acked += self._board.take_acks()
         return self._acked
 
-    def _await_pickup(self, answered, timeout=60.0):
+    def _await_pickup(self, answered, patience=10.0):
         """Wait until clients have acknowledged every answer (they ack once the values are
         in their own process).
 
         A dequeue runs on the worker and the client fetches the value afterwards; a caller
         that stops the cluster right after serve() (as the tutorial does) would otherwise
-        kill the workers under a client still reading its last answer.
+        kill the workers under a client still reading its last answer. A client that died
+        never acknowledges: after ``patience`` seconds without progress, give up.
         """
-        deadline = time.monotonic() + timeout
-        while self._collect_acks() < answered:
+        last, since = self._collect_acks(), time.monotonic()
+        while last < answered:
             if self._stop_event.is_set():
                 return
-            if time.monotonic() > deadline:
-                _log("warning: {:.0f} s passed and a client has not collected its answer; "
-                     "returning anyway".format(timeout))
+            if time.monotonic() - since > patience:
+                _log("warning: {} answer(s) not collected by their clients after {:.0f} s; "
+                     "returning anyway".format(answered - last, patience))
                 return
             time.sleep(0.005)
+            now = self._collect_acks()
+            if now != last:
+                last, since = now, time.monotonic()
 
     def stop(self):
         """Stop serving: :meth:`serve` returns after the query in progress."""
@@ -269,6 +420,12 @@ class SharedModel:
         if not self.serving:
             self._withdraw()
         return self
+
+
+def _string():
+    import tensorflow as tf
+
+    return tf.string
 
 
 def _pid_alive(pid):
