@@ -20,7 +20,7 @@ cluster = pk.Cluster(sys.argv[1].split(",")).start()
 report = {}
 for protocol in ("aby3", "securenn"):
     shared = pk.share(model, cluster, protocol=protocol).warm_up()
-    ops = shared._step.get_concrete_function().graph.get_operations()
+    ops = shared.traced.graph.get_operations()
     unplaced = [op for op in ops if not op.device]
     report[protocol] = {
         "types": collections.Counter(op.type for op in ops),

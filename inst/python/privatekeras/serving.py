@@ -186,6 +186,7 @@ class SharedModel:
         self._session = None
         self._acked = 0
         self._step = None
+        self.traced = None  # the traced step's concrete function, after warm_up()
         cluster.on_stop(self._release)
         self._stop_event = threading.Event()
         self.served = 0
@@ -291,7 +292,7 @@ class SharedModel:
         import gc
 
         self.stop()
-        self._step = None
+        self._step = self.traced = None
         self._mailboxes.clear()
         gc.collect()
 
@@ -304,7 +305,7 @@ class SharedModel:
                                       self._engine.layout.share_counts, self.input_shape,
                                       self.output_shape)
             self._step = self._build_step(template)
-            self._step.get_concrete_function(*template.handles)
+            self.traced = self._step.get_concrete_function(*template.handles)
             template.destroy()
             _log("traced in {:.1f} s".format(time.monotonic() - t0))
         return self
