@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 RLIB := $(CURDIR)/.rlib
 R_ENV := R_LIBS=$(RLIB) RETICULATE_PYTHON=$(PY)
 
-.PHONY: setup demo test test-python test-r r-install r-check clean
+.PHONY: setup demo test test-python test-r r-install r-check stress clean
 
 setup:
 	@bash tools/setup.sh
@@ -26,6 +26,13 @@ test: setup
 
 test-python:
 	$(PY) -m pytest tests/python -v -rs --durations=10
+
+# Load (1000 sequential queries, 8 concurrent clients x 50), faults, bad inputs and privacy
+# recordings with real processes; ends with the `privatekeras stress summary:` line.
+stress: setup
+	PRIVATEKERAS_STRESS=1 $(PY) -m pytest tests/python/test_load.py tests/python/test_faults.py \
+	  tests/python/test_e2e.py tests/python/test_cluster.py tests/python/test_convert.py -v -rs \
+	  -p no:cacheprovider $(wildcard tests/python/test_privacy.py)
 
 r-install:
 	@mkdir -p $(RLIB)

@@ -1,5 +1,7 @@
 """Shared fixtures: real Fashion-MNIST models, free ports, real processes, leak checks."""
 
+import collections
+import contextlib
 import os
 import pathlib
 import random
@@ -28,6 +30,33 @@ from privatekeras.cluster import _port_in_use  # noqa: E402
 LOGIT_ATOL = 0.05
 SECURENN_LOGIT_ATOL = 0.25
 N_IMAGES = 100
+
+
+# What the load, fault and bad-input tests did, summed over the run and printed at the end
+# (the `make stress` summary): queries sent/answered/correct, faults injected/survived, bad
+# inputs tried/rejected with a clear error, worker processes leaked.
+TALLY = collections.Counter()
+
+
+def pytest_terminal_summary(terminalreporter):
+    t = TALLY
+    terminalreporter.write_line(
+        "privatekeras stress summary: queries sent {} / answered {} / correct {}; faults "
+        "injected {} / survived {}; bad inputs tried {} / rejected with a clear error {}; "
+        "processes leaked {}".format(
+            t["queries sent"], t["queries answered"], t["queries correct"],
+            t["faults injected"], t["faults survived"], t["bad inputs tried"],
+            t["bad inputs rejected"], t["processes leaked"]))
+
+
+@contextlib.contextmanager
+def rejects(exc_type, match=None):
+    """``pytest.raises`` that also counts one bad input tried and rejected with a clear error
+    (an error of the expected class whose message matches)."""
+    TALLY["bad inputs tried"] += 1
+    with pytest.raises(exc_type, match=match) as info:
+        yield info
+    TALLY["bad inputs rejected"] += 1
 
 
 def child_env():
@@ -74,6 +103,7 @@ def no_leaked_workers():
     while time.monotonic() < deadline and set(worker_pids()) - before:
         time.sleep(0.2)
     leaked = set(worker_pids()) - before
+    TALLY["processes leaked"] += len(leaked)
     for pid in leaked:
         try:
             os.kill(pid, signal.SIGKILL)

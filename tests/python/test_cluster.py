@@ -5,7 +5,7 @@ import socket
 import pytest
 
 import privatekeras as pk
-from conftest import free_hosts, worker_pids
+from conftest import free_hosts, rejects, worker_pids
 
 
 def _listen_addresses(port):
@@ -53,7 +53,7 @@ def test_start_binds_loopback_only_and_stop_ends_workers():
     (["localhost:4000", "localhost:99999", "localhost:4002"], "port must be a number"),
 ])
 def test_bad_cluster_configurations(hosts, match):
-    with pytest.raises(pk.ClusterError, match=match):
+    with rejects(pk.ClusterError, match=match):
         pk.Cluster(hosts)
 
 
@@ -63,7 +63,7 @@ def test_port_in_use_is_a_clear_error():
     busy.bind(("127.0.0.1", int(hosts[1].split(":")[1])))
     busy.listen(1)
     try:
-        with pytest.raises(pk.PortInUseError, match="already in use"):
+        with rejects(pk.PortInUseError, match="already in use"):
             pk.Cluster(hosts).start()
     finally:
         busy.close()
@@ -75,7 +75,7 @@ def test_two_clusters_on_overlapping_ports():
     try:
         other = [hosts[2], "localhost:{}".format(int(hosts[2].split(":")[1]) + 1),
                  "localhost:{}".format(int(hosts[2].split(":")[1]) + 2)]
-        with pytest.raises(pk.PortInUseError, match=hosts[2].split(":")[1]):
+        with rejects(pk.PortInUseError, match=hosts[2].split(":")[1]):
             pk.Cluster(other).start()
         assert first.running
     finally:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import bn_maxpool_cnn, tutorial_cnn
+from conftest import bn_maxpool_cnn, rejects, tutorial_cnn
 
 
 def plaintext_forward(spec, x):
@@ -101,7 +101,7 @@ def test_unsupported_layers_are_named(make_layer, name):
 
     shape = (6, 4) if name == "LSTM" else (8, 8, 1)
     model = keras.Sequential([keras.Input(shape), make_layer(keras.layers)])
-    with pytest.raises(UnsupportedLayerError) as err:
+    with rejects(UnsupportedLayerError) as err:
         convert(model)
     msg = str(err.value)
     assert name in msg and "Supported layers:" in msg and "Conv2D" in msg
@@ -126,13 +126,13 @@ def test_bad_model_files(tmp_path):
 
     junk = tmp_path / "junk.keras"
     junk.write_bytes(b"this is not a model")
-    with pytest.raises(ValueError, match="could not load a Keras model"):
+    with rejects(ValueError, match="could not load a Keras model"):
         convert(str(junk))
-    with pytest.raises(FileNotFoundError):
+    with rejects(FileNotFoundError):
         convert(str(tmp_path / "missing.keras"))
     text = tmp_path / "model.txt"
     text.write_text("x")
-    with pytest.raises(ValueError, match="not a Keras model file"):
+    with rejects(ValueError, match="not a Keras model file"):
         convert(str(text))
-    with pytest.raises(TypeError, match="expected a Keras model"):
+    with rejects(TypeError, match="expected a Keras model"):
         convert(42)

@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from conftest import (LOGIT_ATOL, N_IMAGES, SCRIPTS, SECURENN_LOGIT_ATOL, Flow, child_env,
-                      free_hosts)
+from conftest import (LOGIT_ATOL, N_IMAGES, SCRIPTS, SECURENN_LOGIT_ATOL, TALLY, Flow,
+                      child_env, free_hosts)
 
 
 def _compare(private, plain, atol=LOGIT_ATOL):
@@ -95,12 +95,55 @@ def test_bad_inputs_get_one_clear_error_and_lose_nothing(models, tmp_path):
         "empty_batch": "empty batch",
     }
     for name, fragment in expected.items():
+        TALLY["bad inputs tried"] += 1
         assert report[name]["error"] == "InputError", (name, report[name])
         assert fragment in report[name]["message"], (name, report[name]["message"])
+        TALLY["bad inputs rejected"] += 1
     # The server answered exactly one query (the good one), and answered it right.
     assert "SERVED 1" in flow.owner_out
     plain = np.load(models / "tutorial_logits.npy")[:1]
     np.testing.assert_allclose(np.array(report["after"]), plain, atol=LOGIT_ATOL)
+
+
+QUERY_AFTER_STOP = r"""
+import sys, threading, time
+import numpy as np
+import privatekeras as pk
+cluster = pk.Cluster(sys.argv[1].split(",")).start()
+shared = pk.share(sys.argv[2], cluster).warm_up()
+server = threading.Thread(target=shared.serve, kwargs={"num_requests": 1})
+server.start()  # this process is the model owner and, below, also a client
+client = pk.connect(cluster, (1, 28, 28, 1), (1, 10), timeout=5)
+x = np.load(sys.argv[3])[:1]
+print("ANSWER", client.query(x)[0].argmax(), flush=True)
+server.join()
+for what, stop in (("shared.stop()", shared.stop), ("cluster.stop()", cluster.stop)):
+    stop()
+    t = time.monotonic()
+    try:
+        client.query(x)
+        print("NO ERROR after", what)
+    except pk.PrivateKerasError as e:
+        print("AFTER {}: {} in {:.1f} s: {}".format(what, type(e).__name__,
+                                                   time.monotonic() - t, e), flush=True)
+"""
+
+
+def test_query_after_stop_is_a_clear_error(models):
+    out = subprocess.run([sys.executable, "-c", QUERY_AFTER_STOP, ",".join(free_hosts()),
+                          str(models / "tutorial.keras"), str(models / "images.npy")],
+                         env=child_env(), capture_output=True, text=True, timeout=240)
+    text = out.stdout + out.stderr[-3000:]
+    assert "ANSWER" in out.stdout, text
+    lines = {line.split(":")[0]: line for line in out.stdout.splitlines()
+             if line.startswith("AFTER")}
+    for what, error, fragment in (("shared.stop()", "NotServingError", "no model is being served any more"),
+                                  ("cluster.stop()", "WorkerUnavailableError", "cannot reach")):
+        TALLY["bad inputs tried"] += 1
+        line = lines.get("AFTER " + what, "")
+        assert error in line and fragment in line, text
+        assert float(line.split(" in ")[1].split()[0]) < 10, line
+        TALLY["bad inputs rejected"] += 1
 
 
 def test_query_without_a_served_model_fails_within_the_timeout():

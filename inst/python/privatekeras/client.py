@@ -12,7 +12,7 @@ import numpy as np
 
 from . import queues
 from .backends import LAYOUTS
-from .cluster import connect_process, disconnect_process
+from .cluster import connect_process, disconnect_process, is_connected
 from .errors import InputError, NotServingError, WorkerUnavailableError
 from .serving import Board, OwnerWatch, mailbox_name
 
@@ -144,8 +144,9 @@ class Client:
         (the last one padded with zeros, which are discarded).
         """
         x = self._check_input(x)
-        if self._board is None:
-            self._attach()  # again, after close()
+        if self._board is None or not is_connected(self.cluster):
+            self._attach()  # again, after close() or after this process was detached
+            self._spec = None
         if self._spec is None:
             self._connect_model()
         layout = self._layout
@@ -199,7 +200,7 @@ class Client:
         per_worker = self._layout.split(xb)
         watch = OwnerWatch(self._board, self._spec["session"])
         try:
-            watch.check()  # raises NotServingError when nothing is served any more
+            watch.check(before=True)  # NotServingError when nothing is served any more
             self._mailbox.put_inputs(per_worker)
             queues.enqueue(self.devices[0], self._tickets, [tf.constant(self.client_id)])
             self._wait_answer(watch)

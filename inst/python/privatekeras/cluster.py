@@ -344,6 +344,11 @@ def connect_process(cluster, timeout=60.0):
     _connected = key
 
 
+def is_connected(cluster):
+    """Whether this process is connected to ``cluster`` now."""
+    return _connected == tuple(cluster.hosts)
+
+
 def disconnect_process():
     """Detach this process from its cluster, back to local TensorFlow only.
 

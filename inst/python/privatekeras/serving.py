@@ -111,8 +111,11 @@ class OwnerWatch:
         self.board, self.session = board, session
         self.last, self.since = None, time.monotonic()
 
-    def check(self):
+    def check(self, before=False):
         beat = self.board.heartbeat()
+        if not beat and before:
+            raise NotServingError("no model is being served any more: the model owner stopped "
+                                  "serving (serve() returned or stop() was called)")
         if not beat:
             raise NotServingError("the model stopped being served before answering this query")
         session = beat.split(":")[0]
