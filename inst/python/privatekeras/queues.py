@@ -55,11 +55,13 @@ def open_variable(device, name, dtype):
 
 
 def read_variable(device, handle, dtype, default):
-    """The variable's value as a Python object, or ``default`` if it was never assigned."""
-    with tf.device(device):
-        if not bool(tf.raw_ops.VarIsInitializedOp(resource=handle).numpy()):
-            return default
-        return tf.raw_ops.ReadVariableOp(resource=handle, dtype=dtype).numpy()
+    """The variable's value as a Python object, or ``default`` if it was never assigned
+    (one round trip: the read itself tells us it is uninitialised)."""
+    try:
+        with tf.device(device):
+            return tf.raw_ops.ReadVariableOp(resource=handle, dtype=dtype).numpy()
+    except tf.errors.FailedPreconditionError:
+        return default
 
 
 def assign_variable(device, handle, value, dtype):
@@ -76,11 +78,12 @@ def drain(device, handle, dtypes):
     return n
 
 
-def wait_until_nonempty(devices, handles, timeout, what, should_stop=None):
+def wait_until_nonempty(devices, handles, timeout, what, should_stop=None, max_delay=0.002):
     """Poll the queues until each holds an item; returns False if ``should_stop()`` fired.
 
-    Raises TimeoutError after ``timeout`` seconds (None: wait forever) and
-    WorkerUnavailableError when a worker stops answering.
+    Polls back off from 0.2 ms to ``max_delay`` seconds. Raises TimeoutError after
+    ``timeout`` seconds (None: wait forever) and WorkerUnavailableError when a worker stops
+    answering.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.0002
@@ -104,7 +107,7 @@ def wait_until_nonempty(devices, handles, timeout, what, should_stop=None):
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("timed out after {:.1f} s waiting for {}".format(timeout, what))
         time.sleep(delay)
-        delay = min(delay * 2, 0.005)
+        delay = min(delay * 2, max_delay)
     return True
 
 

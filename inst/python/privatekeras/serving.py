@@ -378,7 +378,8 @@ class SharedModel:
             try:
                 got = queues.wait_until_nonempty([self.devices[0]], [self._tickets],
                                                  idle_timeout, "queries",
-                                                 should_stop=self._stop_event.is_set)
+                                                 should_stop=self._stop_event.is_set,
+                                                 max_delay=0.001)
             except TimeoutError:
                 _log("no query for {:g} s (idle_timeout): stopping after {} "
                      "answers".format(float(idle_timeout), answered))
