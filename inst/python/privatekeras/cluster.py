@@ -115,11 +115,15 @@ class Cluster:
         auto_managed: when True, :meth:`start` spawns the workers as local OS processes;
             when False, the workers are expected to run already (e.g. on other hosts).
         start_timeout: seconds to wait for all three workers to answer.
+        local_address: optional fixed ``"host:port"`` for the TensorFlow server that
+            connecting *this* process starts (its ``/job:localhost``). By default TensorFlow
+            picks an ephemeral port; a fixed one lets a tunnel carry the workers'
+            connections back to this process (see ``docs/security.md``).
 
     ``Cluster`` objects are cheap: a client makes one with the same hosts to connect.
     """
 
-    def __init__(self, hosts, auto_managed=True, start_timeout=120.0):
+    def __init__(self, hosts, auto_managed=True, start_timeout=120.0, local_address=None):
         if isinstance(hosts, str):
             hosts = [hosts]
         hosts = list(hosts)
@@ -143,6 +147,21 @@ class Cluster:
         self._procs = []
         self._logdir = None
         self._before_stop = []  # callbacks that release this process's remote state
+        self.local_address = None
+        if local_address is not None:  # opt-in: a fixed address for this process's server
+            name, port = parse_host(local_address)
+            self.local_address = "{}:{}".format(name if ":" not in name else "[{}]".format(name),
+                                                port)
+
+    @classmethod
+    def from_config(cls, path, name, start_timeout=120.0):
+        """A Cluster for party ``name`` of a hosts file (workers on their own hosts).
+
+        See :func:`privatekeras.hosts.cluster_from_config`.
+        """
+        from .hosts import cluster_from_config
+
+        return cluster_from_config(path, name, start_timeout=start_timeout)
 
     # -- description -------------------------------------------------------------------
     @property
@@ -321,11 +340,13 @@ def wait_reachable(cluster, timeout):
         time.sleep(0.2)
 
 
-def connect_process(cluster, timeout=60.0):
+def connect_process(cluster, timeout=60.0, local_address=None):
     """Make the three workers' devices usable from this process (once per process).
 
     TensorFlow allows one cluster per process: connecting to a different one is an error.
     Unreachable workers give WorkerUnavailableError after ``timeout`` seconds.
+    ``local_address`` (default: ``cluster.local_address``, else an ephemeral port chosen by
+    TensorFlow) fixes the ``"host:port"`` of the TensorFlow server this process starts.
     """
     global _connected
     key = tuple(cluster.hosts)
@@ -339,8 +360,16 @@ def connect_process(cluster, timeout=60.0):
     wait_reachable(cluster, timeout)
     import tensorflow as tf
 
+    if local_address is None:
+        local_address = getattr(cluster, "local_address", None)
     with _quiet_native_stderr():  # TF's C++ logger announces the local server it starts
-        tf.config.experimental_connect_to_host(cluster.hosts, job_name=cluster.job_name)
+        if local_address is None:
+            tf.config.experimental_connect_to_host(cluster.hosts, job_name=cluster.job_name)
+        else:  # opt-in: this process's own server at a fixed address (tunnelled setups)
+            tf.config.experimental_connect_to_cluster(
+                tf.train.ClusterSpec({cluster.job_name: list(cluster.hosts),
+                                      "localhost": [local_address]}),
+                job_name="localhost")
     _connected = key
 
 
