@@ -72,6 +72,7 @@ def test_sequential_then_concurrent_clients_get_exactly_their_own_answers(
         assert owner.wait(120) == 0, owner.output[-3000:]
         # The owner answered exactly as many queries as were sent: none lost, none twice.
         assert "SERVED {}".format(total) in owner.output, owner.output[-2000:]
+        assert "TRACES 1" in owner.output  # 9 clients, one traced step: no retracing
         results = [np.load(tmp_path / "seq.npz")] + [
             np.load(tmp_path / "c{}.npz".format(k)) for k in range(CLIENTS)]
         for res in results:

@@ -35,7 +35,10 @@ def serve_once(num_requests):
     if a.stop_file:
         threading.Thread(target=watch_stop_file, args=(shared,), daemon=True).start()
     print("SERVING", flush=True)
-    return shared.serve(num_requests=num_requests)
+    answered = shared.serve(num_requests=num_requests)
+    # One trace serves every client: the step takes the client's queues as arguments.
+    print("TRACES", shared._step.experimental_get_tracing_count(), flush=True)
+    return answered
 
 
 try:
