@@ -216,10 +216,11 @@ class Client:
         return self._layout.reconstruct(got)
 
     def _wait_answer(self, watch):
-        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
+        deadline = start + self.timeout
         while True:
             try:
-                self._mailbox.wait_outputs(0.5, "the answer")
+                self._mailbox.wait_outputs(0.5, "the answer", since=start)
                 return
             except TimeoutError:
                 watch.check()

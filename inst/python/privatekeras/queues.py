@@ -78,13 +78,18 @@ def drain(device, handle, dtypes):
     return n
 
 
-def wait_until_nonempty(devices, handles, timeout, what, should_stop=None, max_delay=0.002):
+def wait_until_nonempty(devices, handles, timeout, what, should_stop=None, max_delay=0.002,
+                        since=None):
     """Poll the queues until each holds an item; returns False if ``should_stop()`` fired.
 
-    Polls back off from 0.2 ms to ``max_delay`` seconds. Raises TimeoutError after
+    Polls back off from 0.2 ms to ``max_delay`` seconds, and beyond it to 5 % of the time
+    waited so far (at most 20 ms): a long wait costs at most 5 % extra latency but few
+    polls, so many waiting clients do not swamp a worker. ``since`` (a ``time.monotonic()``)
+    is when the wait began, for callers that wait in several calls. Raises TimeoutError after
     ``timeout`` seconds (None: wait forever) and WorkerUnavailableError when a worker stops
     answering.
     """
+    start = time.monotonic() if since is None else since
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.0002
     pending = list(range(len(devices)))
@@ -107,7 +112,8 @@ def wait_until_nonempty(devices, handles, timeout, what, should_stop=None, max_d
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("timed out after {:.1f} s waiting for {}".format(timeout, what))
         time.sleep(delay)
-        delay = min(delay * 2, max_delay)
+        patient = min(0.02, 0.05 * (time.monotonic() - start))
+        delay = min(delay * 2, max(max_delay, patient))
     return True
 
 
@@ -151,9 +157,9 @@ class Mailbox:
     def take_outputs(self):
         return take(self.outputs)
 
-    def wait_outputs(self, timeout, what):
+    def wait_outputs(self, timeout, what, since=None):
         return wait_until_nonempty([s.device for s in self.outputs],
-                                   [s.handle for s in self.outputs], timeout, what)
+                                   [s.handle for s in self.outputs], timeout, what, since=since)
 
     def destroy(self):
         """Delete this mailbox's queues from the workers (the client is done)."""
