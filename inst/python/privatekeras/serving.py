@@ -158,9 +158,13 @@ class SharedModel:
     The model owner's process keeps the plaintext model; the workers only hold shares.
     """
 
-    def __init__(self, model, cluster, protocol="aby3", batch_size=None):
+    def __init__(self, model, cluster, protocol="aby3", batch_size=None, max_group=1):
 
         self.protocol = check_protocol(protocol)
+        max_group = int(max_group)
+        if not 1 <= max_group <= 16:
+            raise ValueError("max_group must be an integer in 1..16, got {}".format(max_group))
+        self.max_group = max_group
         self.cluster = cluster
         self.spec = convert(model)
         if batch_size is None:
@@ -189,8 +193,9 @@ class SharedModel:
         self._mailboxes = collections.OrderedDict()  # client id -> Mailbox, recent last
         self._session = None
         self._acked = 0
-        self._step = None
-        self.traced = None  # the traced step's concrete function, after warm_up()
+        self._steps = {}  # group size -> traced step, after warm_up()
+        self._pad = None  # the owner's own mailbox of zero queries that fill a group
+        self.traced = None  # the single-query step's concrete function, after warm_up()
         cluster.on_stop(self._release)
         self._stop_event = threading.Event()
         self.served = 0
@@ -220,34 +225,70 @@ class SharedModel:
 
     def _mailbox(self, client_id):
         """The share queues of one client (opened on its first query, then cached)."""
+        if client_id == "0" * 16:
+            return self._pad
         box = self._mailboxes.pop(client_id, None)
         if box is None:
-            box = queues.Mailbox(self.devices, mailbox_name(self.signature, client_id),
-                                 self._engine.layout.share_counts, self.input_shape,
-                                 self.output_shape)
+            box = self._new_mailbox(client_id)
         self._mailboxes[client_id] = box
         while len(self._mailboxes) > 1024:
             self._mailboxes.popitem(last=False)
         return box
 
-    def _build_step(self, template):
-        """The traced private evaluation; ``template`` gives the queues' devices and shapes,
-        each call passes the handles of the querying client's mailbox."""
+    def _build_step(self, template, group):
+        """The traced private evaluation of ``group`` queries at once (batch-concatenated).
+
+        ``template`` gives the queues' devices and shapes; each call passes, per query, the
+        handles of the querying client's mailbox, so one trace serves every client. Each
+        client's answer shares go back to its own mailbox only.
+        """
         import tensorflow as tf
 
         engine, layers, weights = self._engine, self.spec.layers, self._weights
         in_slots, out_slots = template.inputs, template.outputs
+        b, devices = self.batch_size, self.devices
+
+        def on_workers(per_query, fn):
+            """Apply ``fn`` to the list over queries of each share, on that share's worker."""
+            out = []
+            for i, shares in enumerate(zip(*per_query)):
+                with tf.device(devices[i]):
+                    out.append(tuple(fn(list(s)) for s in zip(*shares)))
+            return out
 
         @tf.function
         def step(in_handles, out_handles):
-            """One private evaluation: the given client's shares in, its answer's shares out."""
+            """Private evaluation: queries in from the given mailboxes, answers out to them."""
             engine.fresh_randomness()
-            shares = queues.take([s.with_handle(h) for s, h in zip(in_slots, in_handles)])
-            y = engine.forward(layers, weights, engine.wrap_input(shares))
-            queues.put([s.with_handle(h) for s, h in zip(out_slots, out_handles)],
-                       engine.unwrap_output(y))
+            per_query = [queues.take([s.with_handle(h) for s, h in zip(in_slots, hs)])
+                         for hs in in_handles]
+            if group > 1:
+                per_query = [on_workers(per_query, lambda s: tf.concat(s, axis=0))]
+            y = engine.unwrap_output(engine.forward(layers, weights,
+                                                    engine.wrap_input(per_query[0])))
+            for k, hs in enumerate(out_handles):
+                part = y if group == 1 else on_workers([y], lambda s, k=k: s[0][k * b:(k + 1) * b])
+                queues.put([s.with_handle(h) for s, h in zip(out_slots, hs)], part)
 
         return step
+
+    def _new_mailbox(self, client_id):
+        return queues.Mailbox(self.devices, mailbox_name(self.signature, client_id),
+                              self._engine.layout.share_counts, self.input_shape,
+                              self.output_shape)
+
+    def _run(self, client_ids):
+        """Answer the queries waiting in these clients' mailboxes, in one private step; a
+        group smaller than ``max_group`` is filled up with queries of zeros."""
+        boxes = [self._mailbox(c) for c in client_ids]
+        group = 1 if len(boxes) == 1 else self.max_group
+        boxes += [self._pad] * (group - len(boxes))
+        fill = sum(box is self._pad for box in boxes)
+        for _ in range(fill):  # zeros, shared here: public padding, dropped below
+            self._pad.put_inputs(self._engine.layout.split(np.zeros(self.input_shape)))
+        self._steps[group]([b.handles[0] for b in boxes], [b.handles[1] for b in boxes])
+        for _ in range(fill):
+            self._pad.take_outputs()
 
     def _claim_cluster(self):
         """Publish our spec on worker 0, unless a live owner already serves there."""
@@ -296,34 +337,42 @@ class SharedModel:
         import gc
 
         self.stop()
-        self._step = self.traced = None
+        if self._pad is not None:
+            try:
+                self._pad.destroy()
+            except Exception:  # noqa: BLE001 - the workers are stopping anyway
+                pass
+        self._steps, self._pad, self.traced = {}, None, None
         self._mailboxes.clear()
         gc.collect()
 
     def warm_up(self):
         """Trace the private step and run it once on a query of zeros (5-15 s, first time
-        only), so the first client's query costs what every later one does.
+        only; twice that with ``max_group`` > 1, which also traces the grouped step), so the
+        first client's query costs what every later one does.
 
         The first run of a traced step registers and instantiates its graph on the three
         workers, which takes seconds; doing it here keeps it out of the first answer.
         """
-        if self._step is None:
-            t0 = time.monotonic()
-            _log("tracing the private model (first time only) ...")
-            dummy = queues.Mailbox(self.devices, mailbox_name(self.signature, "0" * 16),
-                                   self._engine.layout.share_counts, self.input_shape,
-                                   self.output_shape)
-            step = self._build_step(dummy)
-            self.traced = step.get_concrete_function(*dummy.handles)
+        if self._steps:
+            return self
+        t0 = time.monotonic()
+        _log("tracing the private model (first time only) ...")
+        self._pad = self._new_mailbox("0" * 16)
+        for group in sorted({1, self.max_group}):
+            step = self._build_step(self._pad, group)
+            concrete = step.get_concrete_function([self._pad.handles[0]] * group,
+                                                  [self._pad.handles[1]] * group)
+            if group == 1:
+                self.traced = concrete
+            self._steps[group] = step
             t1 = time.monotonic()
-            _log("traced in {:.1f} s; first run on the workers ...".format(t1 - t0))
+            _log("traced {}in {:.1f} s; first run on the workers ...".format(
+                "" if group == 1 else "the step for groups of {} ".format(group), t1 - t0))
             # Shares of zeros, made here: the owner knows this query, nobody else learns.
-            dummy.put_inputs(self._engine.layout.split(np.zeros(self.input_shape)))
-            step(*dummy.handles)
-            dummy.take_outputs()
-            dummy.destroy()
-            self._step = step
+            self._run(["0" * 16] * group)
             _log("ready in {:.1f} s".format(time.monotonic() - t1))
+            t0 = time.monotonic()
         return self
 
     def serve(self, num_requests=None, idle_timeout=None):
@@ -365,19 +414,24 @@ class SharedModel:
             self.spec.name, "unlimited" if num_requests is None else num_requests))
         try:
             while num_requests is None or answered < num_requests:
-                client_id = self._next_ticket(idle_timeout, answered)
-                if client_id is None:
+                limit = self.max_group if num_requests is None else min(
+                    self.max_group, num_requests - answered)
+                client_ids = self._next_tickets(idle_timeout, answered, limit)
+                if not client_ids:
                     break
                 try:
-                    self._step(*self._mailbox(client_id).handles)
+                    self._run(client_ids)
                 except tf.errors.OpError as exc:
                     raise WorkerUnavailableError(
                         "serving failed, a worker stopped answering: {}".format(
                             queues._first_line(exc))) from None
-                answered += 1
-                self.served += 1
-                _log("answered request {}{}".format(
-                    answered, "" if num_requests is None else "/{}".format(num_requests)))
+                answered += len(client_ids)
+                self.served += len(client_ids)
+                _log("answered request{} {}{}".format(
+                    "s" if len(client_ids) > 1 else "",
+                    answered if len(client_ids) == 1 else "{}-{}".format(
+                        answered - len(client_ids) + 1, answered),
+                    "" if num_requests is None else "/{}".format(num_requests)))
             self._await_pickup(answered)
         finally:
             heartbeat.done.set()
@@ -385,8 +439,11 @@ class SharedModel:
             self._withdraw()
         return answered
 
-    def _next_ticket(self, idle_timeout, answered):
-        """The id of the next client with a query waiting; None to stop serving."""
+    def _next_tickets(self, idle_timeout, answered, limit):
+        """Ids of the next clients with a query waiting (at most ``limit``, in arrival order);
+        an empty list to stop serving."""
+        import tensorflow as tf
+
         while True:
             try:
                 got = queues.wait_until_nonempty([self.devices[0]], [self._tickets],
@@ -396,14 +453,19 @@ class SharedModel:
             except TimeoutError:
                 _log("no query for {:g} s (idle_timeout): stopping after {} "
                      "answers".format(float(idle_timeout), answered))
-                return None
+                return []
             if not got:
-                return None
-            raw = queues.dequeue(self.devices[0], self._tickets, [_string()])[0]
-            client_id = raw.numpy().decode(errors="replace")
-            if valid_client_id(client_id):
-                return client_id
-            _log("ignored a malformed ticket {!r}".format(client_id[:40]))
+                return []
+            n = 1 if limit == 1 else min(limit, queues.size(self.devices[0], self._tickets))
+            with tf.device(self.devices[0]):
+                raw = tf.raw_ops.QueueDequeueManyV2(handle=self._tickets, n=n,
+                                                    component_types=[tf.string])[0]
+            ids = [r.decode(errors="replace") for r in raw.numpy()]
+            for bad in [i for i in ids if not valid_client_id(i)]:
+                _log("ignored a malformed ticket {!r}".format(bad[:40]))
+            ids = [i for i in ids if valid_client_id(i)]
+            if ids:
+                return ids
 
     def _collect_acks(self):
         """Take the clients' acknowledgments off worker 0; returns those of this session."""
@@ -458,7 +520,7 @@ def _pid_alive(pid):
         return True
 
 
-def share(model, cluster, protocol="aby3", batch_size=None):
+def share(model, cluster, protocol="aby3", batch_size=None, max_group=1):
     """Secret-share a Keras model's weights onto a running cluster.
 
     Args:
@@ -468,10 +530,15 @@ def share(model, cluster, protocol="aby3", batch_size=None):
         protocol: ``"aby3"`` (default) or ``"securenn"``.
         batch_size: images per private evaluation; defaults to the model's fixed batch size,
             else 1. Clients may send any number of images: they are padded to whole batches.
+        max_group: when several clients' queries are waiting, evaluate up to this many in one
+            private step (their batches concatenated; each answer still goes only to its
+            client). Raises throughput under concurrent load; costs a second trace in
+            :meth:`SharedModel.warm_up`. 1 (default) evaluates one query at a time.
     Returns:
         a :class:`SharedModel`; call ``serve()`` on it.
     """
-    return SharedModel(model, cluster, protocol=protocol, batch_size=batch_size)
+    return SharedModel(model, cluster, protocol=protocol, batch_size=batch_size,
+                       max_group=max_group)
 
 
 __all__ = ["SharedModel", "share"]

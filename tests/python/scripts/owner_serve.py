@@ -17,6 +17,7 @@ p.add_argument("--model", required=True)
 p.add_argument("--num-requests", type=int, default=None)
 p.add_argument("--stop-file", default=None)
 p.add_argument("--external", action="store_true", help="workers run already (not ours)")
+p.add_argument("--max-group", type=int, default=1, help="queries evaluated together at most")
 p.add_argument("--restart-after-fault", action="store_true",
                help="after a worker fault: stop, start the cluster again, serve 1 more query")
 a = p.parse_args()
@@ -31,13 +32,14 @@ def watch_stop_file(shared):
 
 
 def serve_once(num_requests):
-    shared = pk.share(a.model, cluster).warm_up()
+    shared = pk.share(a.model, cluster, max_group=a.max_group).warm_up()
     if a.stop_file:
         threading.Thread(target=watch_stop_file, args=(shared,), daemon=True).start()
     print("SERVING", flush=True)
     answered = shared.serve(num_requests=num_requests)
     # One trace serves every client: the step takes the client's queues as arguments.
-    print("TRACES", shared._step.experimental_get_tracing_count(), flush=True)
+    print("TRACES", max(step.experimental_get_tracing_count()
+                        for step in shared._steps.values()), flush=True)
     return answered
 
 
