@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--paths", default="python,r", help="clients: python, r")
     p.add_argument("--queries", type=int, default=40,
                    help="queries per configuration (the first is reported apart)")
-    p.add_argument("--max-images", type=int, default=640,
+    p.add_argument("--max-images", type=int, default=384,
                    help="fewer queries at large batches: at most this many images per "
                         "configuration (not counting the accuracy run), at least 2 queries")
     p.add_argument("--accuracy-images", type=int, default=1000,
