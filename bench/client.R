@@ -1,9 +1,12 @@
 # The R client's process of one benchmark configuration: the same steps as client.py,
 # through the R package's public verbs (connect(), query(), disconnect()).
 #
-#   Rscript bench/client.R HOSTS BATCH COUNT IMAGES OUT
+#   Rscript bench/client.R HOSTS BATCH COUNT IMAGES OUT PAIRS
 #
-# Talks to run.py in `@@ WORD` lines on stdout and one word per line on stdin.
+# Talks to run.py in `@@ WORD` lines on stdout and one word per line on stdin. After the
+# measured queries it sends PAIRS pairs of the first batch, alternating query(client, x) and
+# the Python core's client$py$query(x) in this same process: the paired differences are the
+# R layer's own cost, free of the load drift between two separate runs.
 suppressPackageStartupMessages(library(privatekeras))
 
 args <- commandArgs(trailingOnly = TRUE)
@@ -13,6 +16,7 @@ count <- as.integer(args[[3]])
 np <- reticulate::import("numpy", convert = TRUE)
 images <- np$load(args[[4]])[seq_len(count), , , , drop = FALSE]
 out <- args[[5]]
+pairs <- as.integer(args[[6]])
 
 stdin_con <- file("stdin", open = "r")
 say <- function(word) {
@@ -46,6 +50,16 @@ for (i in seq_along(starts)) {
 }
 say("SNAP")
 wait_for("OK")
-np$savez(out, logits = do.call(rbind, logits), seconds = seconds)
+x <- images[seq_len(min(batch, count)), , , , drop = FALSE]
+paired <- numeric(pairs)
+for (i in seq_len(pairs)) {
+  t <- Sys.time()
+  query(client, x)
+  t_r <- as.double(difftime(Sys.time(), t, units = "secs"))
+  t <- Sys.time()
+  client$py$query(x)
+  paired[[i]] <- t_r - as.double(difftime(Sys.time(), t, units = "secs"))
+}
+np$savez(out, logits = do.call(rbind, logits), seconds = seconds, paired = paired)
 disconnect(client)
 say("DONE")

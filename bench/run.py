@@ -32,6 +32,10 @@ import report  # noqa: E402
 import sockets  # noqa: E402
 
 
+# Pairs of R-client queries (R verb, then the Python core through reticulate) at batch 1.
+R_PAIRS = 20
+
+
 class BenchError(Exception):
     """A step of the benchmark failed; the message says which and why."""
 
@@ -231,9 +235,10 @@ def run_config(a, protocol, batch, path, count, env, logs):
     tag = "{}-b{}-{}".format(protocol, batch, path)
     hosts = free_hosts()
     n_queries = -(-count // batch)
+    pairs = R_PAIRS if path == "r" and batch == 1 else 0
     owner = Child("model owner", [sys.executable, os.path.join(HERE, "owner.py"),
                                   os.path.join(a.out, "tutorial_cnn.keras"), ",".join(hosts),
-                                  protocol, str(batch), str(n_queries)],
+                                  protocol, str(batch), str(n_queries + 2 * pairs)],
                   os.path.join(logs, tag + "-owner.log"), env)
     client, workers = None, set()
     t0 = time.monotonic()
@@ -243,7 +248,8 @@ def run_config(a, protocol, batch, path, count, env, logs):
         client_args = [",".join(hosts), str(batch), str(count),
                        os.path.join(a.out, "images.npy"), os.path.join(logs, tag + ".npz")]
         cmd = ([sys.executable, os.path.join(HERE, "client.py")] if path == "python" else
-               ["Rscript", os.path.join(HERE, "client.R")]) + client_args
+               ["Rscript", os.path.join(HERE, "client.R")]) + client_args + (
+                   [str(pairs)] if path == "r" else [])
         log("  sharing the model; starting the {} client ...".format(report.PATH_NAMES[path]))
         client = Child("{} client".format(report.PATH_NAMES[path]), cmd,
                        os.path.join(logs, tag + "-client.log"), env)
@@ -288,6 +294,8 @@ def run_config(a, protocol, batch, path, count, env, logs):
         "owner_start_s": start_s, "owner_share_s": share_s,
         "wall_s": time.monotonic() - t0,
     })
+    if pairs:
+        result["r_paired_overhead_ms"] = 1e3 * float(np.median(got["paired"]))
     return result
 
 
