@@ -4,9 +4,9 @@
 #   Rscript bench/client.R HOSTS BATCH COUNT IMAGES OUT PAIRS
 #
 # Talks to run.py in `@@ WORD` lines on stdout and one word per line on stdin. After the
-# measured queries it sends PAIRS pairs of the first batch, alternating query(client, x) and
-# the Python core's client$py$query(x) in this same process: the paired differences are the
-# R layer's own cost, free of the load drift between two separate runs.
+# measured queries it sends PAIRS pairs of the first batch, query(client, x) and the Python
+# core's client$py$query(x) in this same process (in alternating order): the paired
+# differences are the R layer's own cost, free of the load drift between two separate runs.
 suppressPackageStartupMessages(library(privatekeras))
 
 args <- commandArgs(trailingOnly = TRUE)
@@ -52,13 +52,20 @@ say("SNAP")
 wait_for("OK")
 x <- images[seq_len(min(batch, count)), , , , drop = FALSE]
 paired <- numeric(pairs)
-for (i in seq_len(pairs)) {
+timed <- function(f) {
   t <- Sys.time()
-  query(client, x)
-  t_r <- as.double(difftime(Sys.time(), t, units = "secs"))
-  t <- Sys.time()
-  client$py$query(x)
-  paired[[i]] <- t_r - as.double(difftime(Sys.time(), t, units = "secs"))
+  f()
+  as.double(difftime(Sys.time(), t, units = "secs"))
+}
+for (i in seq_len(pairs)) {  # alternate which goes first, so position effects cancel
+  if (i %% 2 == 1) {
+    t_r <- timed(function() query(client, x))
+    t_py <- timed(function() client$py$query(x))
+  } else {
+    t_py <- timed(function() client$py$query(x))
+    t_r <- timed(function() query(client, x))
+  }
+  paired[[i]] <- t_r - t_py
 }
 np$savez(out, logits = do.call(rbind, logits), seconds = seconds, paired = paired)
 disconnect(client)

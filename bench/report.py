@@ -231,8 +231,9 @@ METHOD = """\
   `bytes_workers_parties_per_query`.
 - R overhead: the issue's figure is the R client's median minus the Python client's (two
   runs, minutes apart: on shared cores, load drift can dominate it). The R client at batch 1
-  also sends 20 extra pairs of queries, `query(client, x)` then the Python core's
-  `client$py$query(x)` through reticulate, in the same process; the median of the paired
+  also sends 20 extra pairs of queries, `query(client, x)` and the Python core's
+  `client$py$query(x)` through reticulate (alternating which goes first), in the same
+  process; the median of the paired
   differences is the R layer's own cost (argument checks, conversion of the logits).
 - Accuracy: the private logits of every image queried are compared with plaintext Keras
   (`model.predict`) on the same images: max abs logit error and argmax agreement.
