@@ -1,4 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Both run `make setup` first.
+# `make bench` measures the private predictions (README, "Performance"); `make stress` runs
+# the load, fault and bad-input tests at full size (README, "Many clients, faults").
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
@@ -7,13 +9,19 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 RLIB := $(CURDIR)/.rlib
 R_ENV := R_LIBS=$(RLIB) RETICULATE_PYTHON=$(PY)
 
-.PHONY: setup demo test test-python test-r r-install r-check stress clean
+.PHONY: setup demo bench stress test test-python test-r r-install r-check clean
 
 setup:
 	@bash tools/setup.sh
 
 demo: setup
 	$(PY) demo/run_demo.py
+
+# Latency, throughput, traffic and accuracy, Python and R clients (bench/run.py --help);
+# results in bench/out/. BENCH_ARGS="--quick" for a smoke run.
+bench: setup r-install
+	$(PY) -m pip install -q --disable-pip-version-check -r inst/python/requirements-bench.txt
+	$(R_ENV) $(PY) bench/run.py $(BENCH_ARGS)
 
 # Python tests, then R CMD check of the built package, then the R tests (last line:
 # `R: N passed, N failed, N skipped`).
@@ -31,8 +39,8 @@ test-python:
 # recordings with real processes; ends with the `privatekeras stress summary:` line.
 stress: setup
 	PRIVATEKERAS_STRESS=1 $(PY) -m pytest tests/python/test_load.py tests/python/test_faults.py \
-	  tests/python/test_e2e.py tests/python/test_cluster.py tests/python/test_convert.py -v -rs \
-	  -p no:cacheprovider $(wildcard tests/python/test_privacy.py)
+	  tests/python/test_e2e.py tests/python/test_cluster.py tests/python/test_convert.py \
+	  tests/python/test_privacy.py -v -rs -p no:cacheprovider
 
 r-install:
 	@mkdir -p $(RLIB)

@@ -1,0 +1,43 @@
+"""The model owner's process of one benchmark configuration.
+
+Starts the three workers, secret-shares the model, then (when run.py says SERVE) serves
+exactly the client's number of queries. serve() traces the private step itself: this script
+does not call warm_up(), so the client's first query includes that tracing.
+
+    python bench/owner.py MODEL HOSTS PROTOCOL BATCH NUM_REQUESTS
+"""
+
+import sys
+import time
+
+import child
+
+child.die_with_parent()
+import privatekeras as pk  # noqa: E402
+
+
+def main():
+    model_path, hosts, protocol = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+    batch, num_requests = int(sys.argv[4]), int(sys.argv[5])
+    t0 = time.monotonic()
+    cluster = pk.Cluster(hosts).start()
+    shared = None
+    try:
+        child.say("WORKERS", ",".join(map(str, cluster.pids)))
+        t1 = time.monotonic()
+        shared = pk.share(model_path, cluster, protocol=protocol, batch_size=batch)
+        child.say("SHARED", "{:.3f}".format(t1 - t0), "{:.3f}".format(time.monotonic() - t1))
+        child.wait_for("SERVE")
+        child.say("SERVING")
+        answered = shared.serve(num_requests=num_requests, idle_timeout=300)
+        child.say("SERVED", answered)
+        if answered != num_requests:
+            raise SystemExit("served {} of {} queries".format(answered, num_requests))
+    finally:
+        if shared is not None:
+            shared.stop()
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
