@@ -1,8 +1,7 @@
 """The model owner's process of one benchmark configuration.
 
-Starts the three workers, secret-shares the model, then (when run.py says SERVE) serves
-exactly the client's number of queries. serve() traces the private step itself: this script
-does not call warm_up(), so the client's first query includes that tracing.
+Starts the three workers, secret-shares the model (which also traces the private step and
+runs it once), then (when run.py says SERVE) serves exactly the client's number of queries.
 
     python bench/owner.py MODEL HOSTS PROTOCOL BATCH NUM_REQUESTS
 """

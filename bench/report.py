@@ -219,8 +219,10 @@ METHOD = """\
   R `Sys.time`): median and 90th percentile over all queries but the first. Images/s are the
   images of those queries divided by their total time (one query at a time).
 - First query: the client is connected before the owner calls `serve()`; it sends its first
-  query as soon as `serve()` is called. The owner does not call `warm_up()`, so this time
-  includes tracing the private model, as well as the client's own first-call costs.
+  query as soon as `serve()` is called, and this is the time until its answer. `share()`
+  traces the private step and runs it once on zeros (its time is in `results.jsonl` as the
+  owner's share seconds), so this includes the client's own first-call costs and serve()'s
+  start, not tracing.
 - Bytes between workers per query: read from the operating system, not from the code.
   `ss -tinpHO state established` (iproute2) lists every TCP socket with its owning process and
   the kernel's `bytes_acked` counter. Snapshots are taken after the first query and after the

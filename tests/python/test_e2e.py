@@ -110,7 +110,7 @@ import sys, threading, time
 import numpy as np
 import privatekeras as pk
 cluster = pk.Cluster(sys.argv[1].split(",")).start()
-shared = pk.share(sys.argv[2], cluster).warm_up()
+shared = pk.share(sys.argv[2], cluster)  # traces and warms up the private step
 server = threading.Thread(target=shared.serve, kwargs={"num_requests": 1})
 server.start()  # this process is the model owner and, below, also a client
 client = pk.connect(cluster, (1, 28, 28, 1), (1, 10), timeout=5)

@@ -19,7 +19,7 @@ model = keras.Sequential([keras.Input((12, 12, 1), batch_size=2), L.Conv2D(4, 3,
 cluster = pk.Cluster(sys.argv[1].split(",")).start()
 report = {}
 for protocol in ("aby3", "securenn"):
-    shared = pk.share(model, cluster, protocol=protocol).warm_up()
+    shared = pk.share(model, cluster, protocol=protocol)
     ops = shared.traced.graph.get_operations()
     unplaced = [op for op in ops if not op.device]
     report[protocol] = {

@@ -200,6 +200,7 @@ class SharedModel:
         self._stop_event = threading.Event()
         self.served = 0
         self.serving = False
+        self.warm_up()
 
     def __repr__(self):
         return ("<privatekeras.SharedModel {!r} protocol={} input={} output={} {} "
@@ -535,7 +536,8 @@ def share(model, cluster, protocol="aby3", batch_size=None, max_group=1):
             client). Raises throughput under concurrent load; costs a second trace in
             :meth:`SharedModel.warm_up`. 1 (default) evaluates one query at a time.
     Returns:
-        a :class:`SharedModel`; call ``serve()`` on it.
+        a :class:`SharedModel`, its private step already traced and run once (see
+        :meth:`SharedModel.warm_up`), so ``serve()`` answers its first query at full speed.
     """
     return SharedModel(model, cluster, protocol=protocol, batch_size=batch_size,
                        max_group=max_group)

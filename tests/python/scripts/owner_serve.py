@@ -32,7 +32,7 @@ def watch_stop_file(shared):
 
 
 def serve_once(num_requests):
-    shared = pk.share(a.model, cluster, max_group=a.max_group).warm_up()
+    shared = pk.share(a.model, cluster, max_group=a.max_group)
     if a.stop_file:
         threading.Thread(target=watch_stop_file, args=(shared,), daemon=True).start()
     print("SERVING", flush=True)
