@@ -11,6 +11,7 @@ from conftest import child_env, free_hosts
 INSPECT = r"""
 import collections, json, sys
 import keras
+import tensorflow as tf
 import privatekeras as pk
 L = keras.layers
 model = keras.Sequential([keras.Input((12, 12, 1), batch_size=2), L.Conv2D(4, 3, strides=2),
@@ -21,7 +22,12 @@ report = {}
 for protocol in ("aby3", "securenn"):
     shared = pk.share(model, cluster, protocol=protocol)
     ops = shared.traced.graph.get_operations()
-    unplaced = [op for op in ops if not op.device]
+    # The step's arguments are the client's queue handles (DT_RESOURCE placeholders): names
+    # of queues on the workers, not values. Everything else unplaced runs in the owner.
+    handles = [op for op in ops if op.type == "Placeholder"
+               and op.get_attr("dtype") == tf.resource]
+    report.setdefault("handle_args", {})[protocol] = len(handles)
+    unplaced = [op for op in ops if not op.device and op not in handles]
     report[protocol] = {
         "types": collections.Counter(op.type for op in ops),
         "devices": collections.Counter(op.device for op in ops),
@@ -60,7 +66,10 @@ def test_nothing_of_a_query_flows_back_to_the_model_owner(report, protocol):
 
 
 def test_aby3_runs_everything_on_the_workers(report):
-    assert "" not in report["aby3"]["devices"]
+    """Apart from the 6 queue-handle arguments (each worker's input and output queue of
+    the querying client), every op of the ABY3 step is placed on a worker."""
+    assert report["handle_args"]["aby3"] == 6
+    assert report["aby3"]["unplaced_types"] == {}
 
 
 @pytest.mark.parametrize("protocol", ["aby3", "securenn"])
