@@ -3,7 +3,9 @@
 #' Converts the model layer by layer (Conv2D, Dense, pooling, ReLU, Flatten,
 #' Reshape, BatchNormalization folded, Dropout; a final softmax is applied by
 #' the client) and secret-shares every weight from this R session onto the
-#' three workers. Nothing in clear leaves this process.
+#' three workers. Nothing in clear leaves this process. It also traces the
+#' private step and runs it once on zeros (10-30 s), so [serve()] answers its
+#' first query at full speed.
 #'
 #' @param model An R keras/keras3 model, a Keras model made through
 #'   reticulate, or the path of a `.keras`/`.h5` file.
@@ -11,6 +13,10 @@
 #' @param protocol `"aby3"` or `"securenn"`; defaults to the cluster's.
 #' @param batch_size Images per private evaluation; defaults to the model's
 #'   fixed batch size, else 1.
+#' @param max_group When several clients' queries are waiting, evaluate up to
+#'   this many in one private step (more throughput under concurrent load; each
+#'   answer still goes only to its client; costs a second trace). 1 evaluates
+#'   one query at a time.
 #' @return A `pk_shared_model`; pass it to [serve()].
 #' @examples
 #' \dontrun{
@@ -18,10 +24,15 @@
 #' serve(sm, num_requests = 3)
 #' }
 #' @export
-share <- function(model, cluster, protocol = cluster$protocol, batch_size = NULL) {
+share <- function(model, cluster, protocol = cluster$protocol, batch_size = NULL,
+                  max_group = 1L) {
   check_cluster(cluster)
   batch_size <- check_count(batch_size, "batch_size")
   if (!is.null(batch_size) && batch_size < 1L) stop("`batch_size` must be >= 1", call. = FALSE)
+  max_group <- check_count(max_group, "max_group", allow_null = FALSE)
+  if (max_group < 1L || max_group > 16L) {
+    stop("`max_group` must be a whole number in 1..16", call. = FALSE)
+  }
   if (is.character(model)) {
     if (length(model) != 1L || !file.exists(model)) {
       stop("`model` is not an existing .keras/.h5 file: ", deparse1(model), call. = FALSE)
@@ -31,7 +42,8 @@ share <- function(model, cluster, protocol = cluster$protocol, batch_size = NULL
     stop("`model` must be a Keras model (keras3, keras or reticulate) or a .keras/.h5 path; ",
          "got an object of class ", paste(class(model), collapse = "/"), call. = FALSE)
   }
-  py <- pk_call(pk_core()$share(model, cluster$py, protocol = protocol, batch_size = batch_size))
+  py <- pk_call(pk_core()$share(model, cluster$py, protocol = protocol, batch_size = batch_size,
+                                max_group = max_group))
   structure(list(py = py, cluster = cluster), class = "pk_shared_model")
 }
 

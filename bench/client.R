@@ -4,9 +4,9 @@
 #   Rscript bench/client.R HOSTS BATCH COUNT IMAGES OUT PAIRS
 #
 # Talks to run.py in `@@ WORD` lines on stdout and one word per line on stdin. After the
-# measured queries it sends PAIRS pairs of the first batch, query(client, x) and the Python
-# core's client$py$query(x) in this same process (in alternating order): the paired
-# differences are the R layer's own cost, free of the load drift between two separate runs.
+# measured queries it sends PAIRS more queries of the first batch, each timed both in R and
+# inside the Python core: the differences are the R layer's own cost, free of the load drift
+# between two separate runs.
 suppressPackageStartupMessages(library(privatekeras))
 
 args <- commandArgs(trailingOnly = TRUE)
@@ -51,21 +51,28 @@ for (i in seq_along(starts)) {
 say("SNAP")
 wait_for("OK")
 x <- images[seq_len(min(batch, count)), , , , drop = FALSE]
+# The R layer's own cost, free of network and load noise: each query(client, x) is timed in
+# R and, around the Python core's client.query() it calls, in Python; the difference is what
+# the R path adds over a Python client (argument checks, R <-> NumPy conversions).
+reticulate::py_run_string(paste(
+  "import time",
+  "def _pk_time_queries(client):",
+  "    inner = client.query",
+  "    def query(x):",
+  "        t = time.perf_counter()",
+  "        try:",
+  "            return inner(x)",
+  "        finally:",
+  "            query.last = time.perf_counter() - t",
+  "    client.query = query",
+  "    return query", sep = "\n"))
+timer <- reticulate::py$`_pk_time_queries`(client$py)
 paired <- numeric(pairs)
-timed <- function(f) {
+for (i in seq_len(pairs)) {
   t <- Sys.time()
-  f()
-  as.double(difftime(Sys.time(), t, units = "secs"))
-}
-for (i in seq_len(pairs)) {  # alternate which goes first, so position effects cancel
-  if (i %% 2 == 1) {
-    t_r <- timed(function() query(client, x))
-    t_py <- timed(function() client$py$query(x))
-  } else {
-    t_py <- timed(function() client$py$query(x))
-    t_r <- timed(function() query(client, x))
-  }
-  paired[[i]] <- t_r - t_py
+  query(client, x)
+  t_r <- as.double(difftime(Sys.time(), t, units = "secs"))
+  paired[[i]] <- t_r - reticulate::py_to_r(reticulate::py_get_attr(timer, "last"))
 }
 np$savez(out, logits = do.call(rbind, logits), seconds = seconds, paired = paired)
 disconnect(client)

@@ -55,6 +55,8 @@ test_that("Python errors reach R with the same message and a class", {
   expect_error(share(junk, cl), "could not load a Keras model")
   expect_error(share(list(1), cl), "must be a Keras model")
   expect_error(share(tempfile(fileext = ".keras"), cl), "not an existing")
+  expect_error(share(junk, cl, max_group = 0), "in 1..16")
+  expect_error(share(junk, cl, max_group = 2.5), "whole number")
 })
 
 test_that("a port in use is a clear error and leaves nothing running", {
