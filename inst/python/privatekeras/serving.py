@@ -43,8 +43,13 @@ def mailbox_name(sig, client_id):
     return "privatekeras/mbox/{}/{}".format(sig, client_id)
 
 
+PAD_ID = "0" * 16  # the owner's own mailbox of zero queries; never a client's
+
+
 def valid_client_id(client_id):
-    return len(client_id) == 16 and all(c in "0123456789abcdef" for c in client_id)
+    """A client id as clients draw them (16 hex digits), and not the owner's pad id."""
+    return (len(client_id) == 16 and all(c in "0123456789abcdef" for c in client_id)
+            and client_id != PAD_ID)
 
 
 class Board:
@@ -226,7 +231,7 @@ class SharedModel:
 
     def _mailbox(self, client_id):
         """The share queues of one client (opened on its first query, then cached)."""
-        if client_id == "0" * 16:
+        if client_id == PAD_ID:
             return self._pad
         box = self._mailboxes.pop(client_id, None)
         if box is None:
@@ -359,7 +364,7 @@ class SharedModel:
             return self
         t0 = time.monotonic()
         _log("tracing the private model (first time only) ...")
-        self._pad = self._new_mailbox("0" * 16)
+        self._pad = self._new_mailbox(PAD_ID)
         for group in sorted({1, self.max_group}):
             step = self._build_step(self._pad, group)
             concrete = step.get_concrete_function([self._pad.handles[0]] * group,
@@ -371,7 +376,7 @@ class SharedModel:
             _log("traced {}in {:.1f} s; first run on the workers ...".format(
                 "" if group == 1 else "the step for groups of {} ".format(group), t1 - t0))
             # Shares of zeros, made here: the owner knows this query, nobody else learns.
-            self._run(["0" * 16] * group)
+            self._run([PAD_ID] * group)
             _log("ready in {:.1f} s".format(time.monotonic() - t1))
             t0 = time.monotonic()
         return self
