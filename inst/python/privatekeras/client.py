@@ -215,6 +215,19 @@ class Client:
             raise
         return self._layout.reconstruct(got)
 
+    def _probe_workers(self):
+        """One cheap call to every worker: a dead one becomes WorkerUnavailableError naming
+        it (while waiting, only the first worker's queue is polled)."""
+        import tensorflow as tf
+
+        for slot in self._mailbox.outputs:
+            try:
+                queues.size(slot.device, slot.handle)
+            except tf.errors.OpError as exc:
+                raise WorkerUnavailableError(
+                    "worker {} stopped answering during the query: {}".format(
+                        self.cluster.hosts[slot.index], queues._first_line(exc))) from None
+
     def _wait_answer(self, watch):
         start = time.monotonic()
         deadline = start + self.timeout
@@ -223,6 +236,7 @@ class Client:
                 self._mailbox.wait_outputs(0.5, "the answer", since=start)
                 return
             except TimeoutError:
+                self._probe_workers()
                 watch.check()
                 if time.monotonic() > deadline:
                     raise WorkerUnavailableError(

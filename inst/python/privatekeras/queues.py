@@ -54,14 +54,18 @@ def open_variable(device, name, dtype):
         return tf.raw_ops.VarHandleOp(dtype=dtype, shape=[], shared_name=name)
 
 
-def read_variable(device, handle, dtype, default):
-    """The variable's value as a Python object, or ``default`` if it was never assigned
-    (one round trip: the read itself tells us it is uninitialised)."""
-    try:
-        with tf.device(device):
-            return tf.raw_ops.ReadVariableOp(resource=handle, dtype=dtype).numpy()
-    except tf.errors.FailedPreconditionError:
-        return default
+def read_variable(device, handle, dtype, default, known_initialized=False):
+    """The variable's value as a Python object, or ``default`` if it was never assigned.
+
+    Unless ``known_initialized``, first asks whether it was (one more round trip): reading a
+    variable that does not exist yet fails on the worker, and a failed remote op is reported
+    asynchronously and can surface in a later, unrelated call.
+    """
+    with tf.device(device):
+        if not known_initialized and not bool(
+                tf.raw_ops.VarIsInitializedOp(resource=handle).numpy()):
+            return default
+        return tf.raw_ops.ReadVariableOp(resource=handle, dtype=dtype).numpy()
 
 
 def assign_variable(device, handle, value, dtype):

@@ -70,17 +70,24 @@ class Board:
         self._spec = queues.open_variable(self.device, SPEC_VAR, tf.string)
         self._beat = queues.open_variable(self.device, BEAT_VAR, tf.string)
         self.ack = queues.open_queue(self.device, ACK_QUEUE, [tf.int64], [[]], 4096)
+        self._assigned = set()  # variables seen assigned: they stay so (withdraw writes "")
 
-    def spec(self):
+    def _read(self, name, handle):
         import tensorflow as tf
 
-        raw = queues.read_variable(self.device, self._spec, tf.string, b"")
+        raw = queues.read_variable(self.device, handle, tf.string, None,
+                                   known_initialized=name in self._assigned)
+        if raw is None:
+            return b""
+        self._assigned.add(name)
+        return raw
+
+    def spec(self):
+        raw = self._read(SPEC_VAR, self._spec)
         return json.loads(raw.decode()) if raw else None
 
     def heartbeat(self):
-        import tensorflow as tf
-
-        return queues.read_variable(self.device, self._beat, tf.string, b"").decode()
+        return self._read(BEAT_VAR, self._beat).decode()
 
     def publish(self, spec):
         import tensorflow as tf
