@@ -290,6 +290,28 @@ class SharedModel:
                               self._engine.layout.share_counts, self.input_shape,
                               self.output_shape)
 
+    def _complete(self, client_id, grace=2.0):
+        """Whether every worker holds this client's shares for its ticket.
+
+        Normally they are there before the ticket. If a client died while sending (its
+        requests to the three workers travel separately), wait ``grace`` seconds, then drop
+        the incomplete query and its partial shares instead of blocking the step on them.
+        """
+        box = self._mailbox(client_id)
+        deadline = time.monotonic() + grace
+        while True:
+            sizes = [queues.size(s.device, s.handle) for s in box.inputs]
+            if all(sizes):
+                return True
+            if time.monotonic() > deadline:
+                for slot, n in zip(box.inputs, sizes):
+                    for _ in range(n):
+                        queues.dequeue(slot.device, slot.handle, slot.dtypes)
+                _log("dropped a query of client {}: its shares did not reach every worker "
+                     "(client gone?)".format(client_id))
+                return False
+            time.sleep(0.01)
+
     def _run(self, client_ids):
         """Answer the queries waiting in these clients' mailboxes, in one private step; a
         group smaller than ``max_group`` is filled up with queries of zeros."""
@@ -476,7 +498,7 @@ class SharedModel:
             ids = [r.decode(errors="replace") for r in raw.numpy()]
             for bad in [i for i in ids if not valid_client_id(i)]:
                 _log("ignored a malformed ticket {!r}".format(bad[:40]))
-            ids = [i for i in ids if valid_client_id(i)]
+            ids = [i for i in ids if valid_client_id(i) and self._complete(i)]
             if ids:
                 return ids
 

@@ -20,7 +20,8 @@ p.add_argument("--out", required=True)
 p.add_argument("--timeout", type=float, default=120)
 p.add_argument("--keep-going", action="store_true", help="continue after a failed query")
 p.add_argument("--die", choices=["after-ticket", "mid-put"], default=None,
-               help="send one query's shares (all, or worker 0's only), then die at once")
+               help="send one query's shares (all, or worker 0's only) and its ticket, then "
+                    "die at once")
 a = p.parse_args()
 
 x = np.load(a.images)
@@ -35,12 +36,13 @@ if a.die:
 
     client.query(x[a.start:a.start + 1])  # attach to the served model first
     shares = client._layout.split(x[a.start:a.start + 1].astype(np.float64))
-    if a.die == "mid-put":
+    if a.die == "mid-put":  # worst case: its ticket arrived, its shares only on worker 0
         slot = client._mailbox.inputs[0]
         queues.enqueue(slot.device, slot.handle, [tf.constant(s) for s in shares[0]])
     else:
         client._mailbox.put_inputs(shares)
-        queues.enqueue(client.devices[0], client._tickets, [tf.constant(client.client_id)])
+    queues.enqueue(client.devices[0], client._tickets, [tf.constant(client.client_id)])
+    queues.size(client.devices[0], client._tickets)  # a round trip: what we sent has landed
     print("DYING", flush=True)
     os._exit(3)
 
