@@ -104,14 +104,13 @@ class Client:
                 "client was connected with input_shape={} and output_shape={}".format(
                     tuple(spec["input_shape"]), tuple(spec["output_shape"]), self.input_shape,
                     self.output_shape))
-        if self._spec is None or self._spec["signature"] != spec["signature"]:
-            layout = LAYOUTS[spec["protocol"]]
-            self._mailbox = self._call(
-                queues.Mailbox, self.devices, mailbox_name(spec["signature"], self.client_id),
-                layout.share_counts, spec["input_shape"], spec["output_shape"])
-            self._tickets = self._call(self._board.tickets, spec["signature"])
-            self._layout = layout
-        self._spec = spec
+        # Open (or reopen: handles are names, opening is idempotent) our own queues.
+        layout = LAYOUTS[spec["protocol"]]
+        self._mailbox = self._call(
+            queues.Mailbox, self.devices, mailbox_name(spec["signature"], self.client_id),
+            layout.share_counts, spec["input_shape"], spec["output_shape"])
+        self._tickets = self._call(self._board.tickets, spec["signature"])
+        self._layout, self._spec = layout, spec
 
     # -- queries ------------------------------------------------------------------------
     def _check_input(self, x):
