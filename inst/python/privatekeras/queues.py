@@ -42,6 +42,12 @@ def size(device, handle):
         return int(tf.raw_ops.QueueSizeV2(handle=handle).numpy())
 
 
+def ping(device):
+    """One round trip to ``device``'s worker; raises a tf.errors.OpError if it is gone."""
+    with tf.device(device):
+        tf.raw_ops.Identity(input=tf.constant(0)).numpy()
+
+
 def destroy(device, handle):
     """Delete a queue (or variable) from its worker; later openers get a fresh one."""
     with tf.device(device):

@@ -451,10 +451,10 @@ class SharedModel:
             while num_requests is None or answered < num_requests:
                 limit = self.max_group if num_requests is None else min(
                     self.max_group, num_requests - answered)
-                client_ids = self._next_tickets(idle_timeout, answered, limit)
-                if not client_ids:
-                    break
                 try:
+                    client_ids = self._next_tickets(idle_timeout, answered, limit)
+                    if not client_ids:
+                        break
                     self._run(client_ids)
                 except tf.errors.OpError as exc:
                     raise WorkerUnavailableError(
@@ -479,16 +479,22 @@ class SharedModel:
         an empty list to stop serving."""
         import tensorflow as tf
 
+        start = time.monotonic()
         while True:
             try:
-                got = queues.wait_until_nonempty([self.devices[0]], [self._tickets],
-                                                 idle_timeout, "queries",
-                                                 should_stop=self._stop_event.is_set,
-                                                 max_delay=0.001)
+                got = queues.wait_until_nonempty([self.devices[0]], [self._tickets], 0.5,
+                                                 "queries", max_delay=0.001, since=start,
+                                                 should_stop=self._stop_event.is_set)
             except TimeoutError:
-                _log("no query for {:g} s (idle_timeout): stopping after {} "
-                     "answers".format(float(idle_timeout), answered))
-                return []
+                # Idle: make sure every worker is still there, so a dead one ends serve()
+                # now rather than at the next query.
+                for device in self.devices:
+                    queues.ping(device)
+                if idle_timeout is not None and time.monotonic() - start > idle_timeout:
+                    _log("no query for {:g} s (idle_timeout): stopping after {} "
+                         "answers".format(float(idle_timeout), answered))
+                    return []
+                continue
             if not got:
                 return []
             n = 1 if limit == 1 else min(limit, queues.size(self.devices[0], self._tickets))
