@@ -362,14 +362,23 @@ def connect_process(cluster, timeout=60.0, local_address=None):
 
     if local_address is None:
         local_address = getattr(cluster, "local_address", None)
-    with _quiet_native_stderr():  # TF's C++ logger announces the local server it starts
-        if local_address is None:
-            tf.config.experimental_connect_to_host(cluster.hosts, job_name=cluster.job_name)
-        else:  # opt-in: this process's own server at a fixed address (tunnelled setups)
-            tf.config.experimental_connect_to_cluster(
-                tf.train.ClusterSpec({cluster.job_name: list(cluster.hosts),
-                                      "localhost": [local_address]}),
-                job_name="localhost")
+    # Processes of this machine create their contexts on the workers one at a time: two
+    # simultaneous CreateContext calls have made a worker drop the connection (seen in CI).
+    import fcntl
+    import hashlib
+
+    lock_path = os.path.join(tempfile.gettempdir(), "privatekeras-connect-{}.lock".format(
+        hashlib.sha1(",".join(cluster.hosts).encode()).hexdigest()[:12]))
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with _quiet_native_stderr():  # TF's C++ logger announces the local server it starts
+            if local_address is None:
+                tf.config.experimental_connect_to_host(cluster.hosts, job_name=cluster.job_name)
+            else:  # opt-in: this process's own server at a fixed address (tunnelled setups)
+                tf.config.experimental_connect_to_cluster(
+                    tf.train.ClusterSpec({cluster.job_name: list(cluster.hosts),
+                                          "localhost": [local_address]}),
+                    job_name="localhost")
     _connected = key
 
 
