@@ -215,17 +215,17 @@ class Client:
         return self._layout.reconstruct(got)
 
     def _probe_workers(self):
-        """One cheap call to every worker: a dead one becomes WorkerUnavailableError naming
+        """One round trip to every worker: a dead one becomes WorkerUnavailableError naming
         it (while waiting, only the first worker's queue is polled)."""
         import tensorflow as tf
 
-        for slot in self._mailbox.outputs:
+        for host, device in zip(self.cluster.hosts, self.devices):
             try:
-                queues.size(slot.device, slot.handle)
+                queues.ping(device)
             except tf.errors.OpError as exc:
                 raise WorkerUnavailableError(
                     "worker {} stopped answering during the query: {}".format(
-                        self.cluster.hosts[slot.index], queues._first_line(exc))) from None
+                        host, queues._first_line(exc))) from None
 
     def _wait_answer(self, watch):
         start = time.monotonic()

@@ -142,7 +142,6 @@ class Mailbox:
     """
 
     def __init__(self, devices, prefix, counts, in_shape, out_shape, capacity=16):
-        self.prefix = prefix
         self.inputs = self._open(devices, prefix + "/in", counts, in_shape, capacity)
         self.outputs = self._open(devices, prefix + "/out", counts, out_shape, capacity)
 

@@ -304,9 +304,8 @@ class SharedModel:
             if all(sizes):
                 return True
             if time.monotonic() > deadline:
-                for slot, n in zip(box.inputs, sizes):
-                    for _ in range(n):
-                        queues.dequeue(slot.device, slot.handle, slot.dtypes)
+                for slot in box.inputs:
+                    queues.drain(slot.device, slot.handle, slot.dtypes)
                 _log("dropped a query of client {}: its shares did not reach every worker "
                      "(client gone?)".format(client_id))
                 return False
