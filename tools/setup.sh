@@ -13,7 +13,7 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 # --- system packages (Debian) -------------------------------------------------------------
 APT_PACKAGES=(python3 python3-venv python3-dev g++ make pkg-config libsodium-dev
               dataset-fashion-mnist
-              openssl iproute2)  # tunnel certificates; network namespaces in test_tunnel.py
+              stunnel4 iproute2)  # TLS links between workers on separate hosts; network namespaces in tests
 if [ -f "$ROOT/DESCRIPTION" ] && [ "${PRIVATEKERAS_SKIP_R:-0}" != 1 ]; then
   APT_PACKAGES+=(r-base-core r-cran-reticulate r-cran-testthat r-cran-knitr r-cran-rmarkdown
                  pandoc r-cran-processx r-cran-callr r-cran-roxygen2)

@@ -1,7 +1,10 @@
-"""The secure kernels: ChaCha20 against RFC 8439, uniform sampling, ABY3's bit ops, and the
-refusal to run without them."""
+"""The secure kernels: ChaCha20 against RFC 8439, the seeded sampler's key derivation
+(recomputed here in Python), uniform sampling, ABY3's bit ops, and the refusal to run without
+them. The raw keystream op comes from the separate test library pk_test_ops.so."""
 
+import hashlib
 import os
+import struct
 import subprocess
 import sys
 import unittest
@@ -12,19 +15,74 @@ import pytest
 from conftest import child_env
 
 
+# tfe_compat lives in privatekeras.mpc (formerly at the package's top level); for children.
+IMPORT_TFE = ("try:\n    from privatekeras.mpc.tfe_compat import import_tfe\n"
+              "except ImportError:\n    from privatekeras.tfe_compat import import_tfe\n")
+
+
+def import_tfe():
+    try:
+        from privatekeras.mpc.tfe_compat import import_tfe as imp
+    except ImportError:
+        from privatekeras.tfe_compat import import_tfe as imp
+    return imp()
+
+
 @pytest.fixture(scope="module")
 def ops():
-    from privatekeras.tfe_compat import import_tfe
     from privatekeras.kernels import ops as load_ops
 
     import_tfe()
     return load_ops()
 
 
-def keystream(ops, key, nonce, counter, blocks):
-    out = ops.pk_chacha20_keystream(np.frombuffer(key, np.uint8), np.frombuffer(nonce, np.uint8),
-                                    np.int64(counter), np.int64(blocks))
+@pytest.fixture(scope="module")
+def test_ops(ops):
+    """The test-only op library (PkChacha20Keystream), which production code never loads."""
+    import tensorflow as tf
+    from privatekeras.kernels.build import test_library_path as ops_test_library_path
+
+    return tf.load_op_library(ops_test_library_path())
+
+
+def keystream(test_ops, key, nonce, counter, blocks):
+    out = test_ops.pk_chacha20_keystream(np.frombuffer(key, np.uint8),
+                                         np.frombuffer(nonce, np.uint8), np.int64(counter),
+                                         np.int64(blocks))
     return bytes(out.numpy())
+
+
+# PkSeededRandomUniform's KDF, written out independently of pk_ops.cc: keyed BLAKE2b-256,
+# key = the 8 int32 seed values little-endian, message = domain || 0x00 || len(dtype name) ||
+# dtype name || minval || maxval (both int64 little-endian).
+KDF_DOMAIN = b"privatekeras/chacha20-prf/v1"
+
+
+def derived_key(seed, dtype, minval, maxval):
+    name = np.dtype(dtype).name.encode()
+    use = KDF_DOMAIN + b"\x00" + bytes([len(name)]) + name + struct.pack("<qq", minval, maxval)
+    return hashlib.blake2b(use, digest_size=32,
+                           key=np.asarray(seed, dtype="<i4").tobytes()).digest()
+
+
+def expected_draws(words, dtype, minval, maxval):
+    """FillUniform for a range 2^k (nothing is rejected): minval + (word mod 2^k)."""
+    bits = np.iinfo(dtype).bits
+    range_ = maxval - minval
+    assert range_ & (range_ - 1) == 0, "only power-of-two ranges cannot reject"
+    out = []
+    for w in words:
+        v = (minval + int(w) % range_) % (1 << bits)
+        out.append(v - (1 << bits) if v >= 1 << (bits - 1) else v)
+    return np.array(out, dtype=dtype)
+
+
+def stream_words(test_ops, key, dtype, n):
+    """The first n sampling words of the keystream under key: 64-bit words for int64,
+    32-bit words for smaller types, little-endian."""
+    word = np.dtype("<u8") if np.dtype(dtype).itemsize == 8 else np.dtype("<u4")
+    blocks = -(-n * word.itemsize // 64)
+    return np.frombuffer(keystream(test_ops, key, bytes(12), 0, blocks), dtype=word)[:n]
 
 
 # RFC 8439, Appendix A.1 (test vectors #1 and #2) and section 2.3.2.
@@ -42,14 +100,15 @@ RFC_BLOCKS = [
 
 
 @pytest.mark.parametrize("key,nonce,counter,expected", RFC_BLOCKS)
-def test_chacha20_block_matches_rfc8439(ops, key, nonce, counter, expected):
-    assert keystream(ops, key, nonce, counter, 1).hex() == expected
+def test_chacha20_block_matches_rfc8439(test_ops, key, nonce, counter, expected):
+    assert keystream(test_ops, key, nonce, counter, 1).hex() == expected
 
 
-def test_chacha20_encryption_matches_rfc8439_section_2_4_2(ops):
+def test_chacha20_encryption_matches_rfc8439_section_2_4_2(test_ops):
     plaintext = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip "
                  b"for the future, sunscreen would be it.")
-    stream = keystream(ops, bytes(range(32)), bytes.fromhex("000000000000004a00000000"), 1, 2)
+    stream = keystream(test_ops, bytes(range(32)), bytes.fromhex("000000000000004a00000000"), 1,
+                       2)
     cipher = bytes(a ^ b for a, b in zip(plaintext, stream))
     assert cipher.hex() == (
         "6e2e359a2568f98041ba0728dd0d6981e97e7aec1d4360c20a27afccfd9fae0b"
@@ -58,16 +117,95 @@ def test_chacha20_encryption_matches_rfc8439_section_2_4_2(ops):
         "5af90bbf74a35be6b40b8eedf2785e42874d")
 
 
-def test_seeded_sampler_is_the_chacha20_stream(ops):
-    """Over the full int64 range, draws are the raw little-endian keystream words, shifted."""
-    seed = np.arange(8, dtype=np.int32)
-    key = seed.tobytes()
-    stream = np.frombuffer(keystream(ops, key, bytes(12), 0, 4), dtype=np.uint64)
+def test_production_library_has_no_raw_keystream_op(ops):
+    """PkChacha20Keystream (keystream under a caller-chosen key) is only in pk_test_ops.so."""
+    import tensorflow as tf
+    from privatekeras.kernels.build import default_library_path
+    from privatekeras.kernels.build import test_library_path as ops_test_library_path
+
+    assert not hasattr(ops, "pk_chacha20_keystream")
+    assert not hasattr(tf.load_op_library(default_library_path()), "pk_chacha20_keystream")
+    with open(default_library_path(), "rb") as f:
+        assert b"PkChacha20Keystream" not in f.read()
+    assert os.path.dirname(ops_test_library_path()) == os.path.dirname(default_library_path())
+
+
+SEED = np.array([7, -3, 11, 0, 1, 2, 99, -100], dtype=np.int32)
+
+# (dtype, minval, maxval) with a range 2^k, so that rejection sampling cannot reject.
+POWER_OF_TWO_RANGES = [
+    (np.int64, -(1 << 62), 1 << 62),
+    (np.int64, 0, 1 << 40),
+    (np.int32, -(1 << 30), 1 << 30),
+    (np.int32, 0, 1 << 16),
+    (np.int16, -(1 << 14), 1 << 14),
+    (np.int8, -64, 64),
+]
+
+
+@pytest.mark.parametrize("dtype,minval,maxval", POWER_OF_TWO_RANGES)
+def test_seeded_sampler_is_chacha20_under_the_derived_key(ops, test_ops, dtype, minval, maxval):
+    """Recompute PkSeededRandomUniform in Python: BLAKE2b key derivation, then the ChaCha20
+    keystream (all-zero nonce, counter from 0) mapped by FillUniform."""
+    n = 40
+    key = derived_key(SEED, dtype, minval, maxval)
+    drawn = ops.pk_seeded_random_uniform([n], SEED, dtype(minval), dtype(maxval)).numpy()
+    assert drawn.dtype == dtype
+    np.testing.assert_array_equal(
+        drawn, expected_draws(stream_words(test_ops, key, dtype, n), dtype, minval, maxval))
+
+
+def test_seeded_sampler_over_the_full_int64_range(ops, test_ops):
+    """Range 2^64 - 1 rejects only the word 2^64 - 1: the draws are the keystream words under
+    the derived key, offset by minval."""
     lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
-    drawn = ops.pk_seeded_random_uniform([32], seed, np.int64(lo), np.int64(hi)).numpy()
-    # range 2^64 - 1: only the word 0xFF..FF would be rejected; value = lo + (w mod range)
-    expected = (stream + np.uint64(1 << 63)).view(np.int64)
-    np.testing.assert_array_equal(drawn, expected)
+    words = stream_words(test_ops, derived_key(SEED, np.int64, lo, hi), np.int64, 32)
+    assert (words != np.uint64(2**64 - 1)).all()
+    drawn = ops.pk_seeded_random_uniform([32], SEED, np.int64(lo), np.int64(hi)).numpy()
+    np.testing.assert_array_equal(drawn, (words + np.uint64(1 << 63)).view(np.int64))
+
+
+def test_derived_key_stream_matches_an_independent_chacha20(test_ops):
+    """The keystream the expectation above is built from agrees with the `cryptography`
+    package's ChaCha20 (nonce = 32-bit little-endian counter || 96-bit nonce), when it is
+    installed."""
+    algorithms = pytest.importorskip("cryptography.hazmat.primitives.ciphers.algorithms")
+    from cryptography.hazmat.primitives.ciphers import Cipher
+
+    key = derived_key(SEED, np.int64, 0, 1 << 40)
+    enc = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    assert enc.update(bytes(256)) == keystream(test_ops, key, bytes(12), 0, 4)
+
+
+@pytest.mark.parametrize("dtype,minval,maxval", POWER_OF_TWO_RANGES)
+def test_seeded_sampler_does_not_use_the_seed_as_the_key(ops, test_ops, dtype, minval, maxval):
+    """The seed itself (e.g. ABY3's pairwise key + nonce) is never the ChaCha20 key: the draws
+    differ from what the raw-seed keystream would give."""
+    n = 64
+    raw = expected_draws(stream_words(test_ops, SEED.astype("<i4").tobytes(), dtype, n), dtype,
+                         minval, maxval)
+    drawn = ops.pk_seeded_random_uniform([n], SEED, dtype(minval), dtype(maxval)).numpy()
+    assert (drawn != raw).mean() > 0.5, (drawn, raw)
+
+
+def test_each_dtype_and_range_gets_its_own_stream(ops):
+    """One seed, different uses: unrelated streams (with the seed as the key, [0, 2^32) and
+    [0, 2^33) would share their low 32 bits, and int32/int64 would share keystream bytes);
+    the same use again: the same stream, as two ABY3 parties sharing a seed need."""
+    n = 256
+    a = ops.pk_seeded_random_uniform([n], SEED, np.int64(0), np.int64(1 << 32)).numpy()
+    b = ops.pk_seeded_random_uniform([n], SEED, np.int64(0), np.int64(1 << 33)).numpy()
+    c = ops.pk_seeded_random_uniform([n], SEED, np.int64(-(1 << 31)), np.int64(1 << 31)).numpy()
+    d = ops.pk_seeded_random_uniform([n], SEED, np.int32(0), np.int32(1 << 30)).numpy()
+    low = np.int64((1 << 32) - 1)
+    assert (a != (b & low)).mean() > 0.9
+    assert (a != c + (1 << 31)).mean() > 0.9
+    assert (a & ((1 << 30) - 1) != d).mean() > 0.9
+    again = ops.pk_seeded_random_uniform([n], SEED.copy(), np.int64(0), np.int64(1 << 32))
+    np.testing.assert_array_equal(a, again.numpy())
+    # A larger shape extends the stream of a smaller one (the shape is not part of the key).
+    longer = ops.pk_seeded_random_uniform([2 * n], SEED, np.int64(0), np.int64(1 << 32)).numpy()
+    np.testing.assert_array_equal(longer[:n], a)
 
 
 def test_seeded_sampling_is_deterministic_uniform_and_in_range(ops):
@@ -133,7 +271,7 @@ def test_bit_reverse_and_xor_indices_match_numpy(ops):
 
 
 def test_refuses_to_start_without_kernels(tmp_path):
-    code = ("from privatekeras.tfe_compat import import_tfe\n"
+    code = (IMPORT_TFE +
             "try:\n    import_tfe()\nexcept Exception as e:\n"
             "    print(type(e).__name__); print(e)\n")
     env = child_env()

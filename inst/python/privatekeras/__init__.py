@@ -1,7 +1,9 @@
 """privatekeras: private predictions from Keras models with three-party computation.
 
 A model owner secret-shares a trained Keras model's weights among three workers, which serve
-private predictions; a client secret-shares its input and alone reconstructs the logits.
+private predictions; a client secret-shares its input and alone reconstructs the logits. Only
+the workers compute; owners and clients reach them through a small API with mutual TLS.
+Importing this package does not import TensorFlow (a client needs only numpy and grpcio).
 
     import privatekeras as pk
     cluster = pk.Cluster(["localhost:4000", "localhost:4001", "localhost:4002"]).start()
@@ -20,11 +22,12 @@ from . import data  # noqa: E402
 from .client import Client, connect  # noqa: E402
 from .cluster import Cluster  # noqa: E402
 from .convert import SUPPORTED_LAYERS, convert  # noqa: E402
-from .errors import (ClusterError, InputError, KernelsMissingError, NotServingError,
-                     OwnerUnavailableError, PortInUseError, PrivateKerasError,
-                     UnsupportedLayerError, WorkerUnavailableError)  # noqa: E402
+from .errors import (AccessDeniedError, ClusterError, InputError, KernelsMissingError,
+                     NotServingError, OwnerUnavailableError, PortInUseError,
+                     PrivateKerasError, UnsupportedLayerError,
+                     WorkerUnavailableError)  # noqa: E402
 from .hook import KerasHook, TFECluster, TFEWorker  # noqa: E402
-from .serving import SharedModel, share  # noqa: E402
+from .owner import SharedModel, share  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -33,12 +36,13 @@ __all__ = [
     "KerasHook", "TFEWorker", "TFECluster", "secure_randomness_active",
     "PrivateKerasError", "ClusterError", "PortInUseError", "UnsupportedLayerError",
     "InputError", "NotServingError", "WorkerUnavailableError", "OwnerUnavailableError",
-    "KernelsMissingError",
+    "KernelsMissingError", "AccessDeniedError",
 ]
 
 
 def secure_randomness_active():
-    """True when TF Encrypted in this process draws randomness from our CSPRNG kernels."""
-    from .tfe_compat import secure_randomness_active as active
+    """True when TF Encrypted in this process draws randomness from our CSPRNG kernels (in
+    worker 0, which builds the private step)."""
+    from .mpc.tfe_compat import secure_randomness_active as active
 
     return active()

@@ -1,20 +1,23 @@
-"""The client's side: share inputs locally, reconstruct logits locally.
+"""The client's side: share inputs here, reconstruct answers here.
 
-The client never sends a clear input to any worker: each worker receives only its own
-shares, drawn from the OS CSPRNG. The client alone collects all output shares and
-reconstructs the logits. It needs TensorFlow for the transport but not TF Encrypted.
+For each query the client encodes its input in fixed point and splits it into ABY3 shares
+with the OS CSPRNG, draws a fresh random query id and, per worker, a fresh fetch secret; it
+submits to each worker only that worker's shares (with the SHA-256 of that worker's secret),
+fetches each worker's answer shares by presenting the secret, and alone reconstructs the
+answer. It needs numpy and grpcio, not TensorFlow.
 """
 
 import os
+import threading
 import time
 
 import numpy as np
 
-from . import queues
-from .backends import LAYOUTS
-from .cluster import connect_process, disconnect_process, is_connected
+from . import wire
 from .errors import InputError, NotServingError, WorkerUnavailableError
-from .serving import Board, OwnerWatch, mailbox_name
+from .mpc.encoding import FIXED64, reconstruct_values, share_values
+
+FETCH_WAIT = 5.0  # seconds one Fetch call waits on the worker before asking again
 
 
 def _as_shape(shape, what):
@@ -36,15 +39,39 @@ def softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _gather(futures, names):
+    """Results of calls to the workers, in order; the first failure cancels the others and
+    is raised (translated, naming its worker)."""
+    done = threading.Event()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def finished(future):
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0 or (not future.cancelled() and future.exception() is not None):
+                done.set()
+
+    for future in futures:
+        future.add_done_callback(finished)
+    done.wait()
+    for future, name in zip(futures, names):
+        if future.done() and not future.cancelled() and future.exception() is not None:
+            for other in futures:
+                other.cancel()
+            raise wire.translate(future.exception(), name) from None
+    return [future.result() for future in futures]
+
+
 class Client:
-    """A connection to a model served on a cluster.
+    """A connection to the model served on a cluster (made by :func:`connect`).
 
     Args:
-        cluster: a :class:`~privatekeras.Cluster` with the workers' addresses (it need not
-            be started by this process).
+        cluster: a :class:`~privatekeras.Cluster` with the workers' addresses (not started
+            by this process).
         input_shape: the shape of one query, batch first, e.g. ``(1, 28, 28, 1)``.
         output_shape: the shape of one answer, batch first, e.g. ``(1, 10)``.
-        timeout: seconds to wait for a served model, and for each answer.
+        timeout: seconds to wait for the workers, for a served model, and for each answer.
     """
 
     def __init__(self, cluster, input_shape, output_shape, timeout=60.0):
@@ -55,48 +82,45 @@ class Client:
             raise InputError("input_shape and output_shape must have the same batch size, got "
                              "{} and {}".format(self.input_shape, self.output_shape))
         self.timeout = float(timeout)
-        self.devices = cluster.devices
-        self.client_id = os.urandom(8).hex()  # names this client's own queues; not secret
         self._spec = None
-        self._board = None
-        self._attach()
-
-    def _attach(self):
-        """Connect this process to the cluster and open the public state on worker 0."""
-        connect_process(self.cluster, timeout=self.timeout)
-        self._board = Board(self.cluster)
+        self._stubs = None
 
     def __repr__(self):
         return "<privatekeras.Client input={} output={} cluster={}>".format(
             self.input_shape, self.output_shape, ", ".join(self.cluster.hosts))
 
-    # -- the served model's public spec -------------------------------------------------
-    def _read_spec(self):
-        """The served model's spec, waiting up to ``timeout`` for one to be served."""
+    # -- the workers and the served model ---------------------------------------------------
+    def _open(self):
+        """Reach the three workers (retrying until ``timeout``); returns self."""
+        self._stubs = self.cluster.stubs("client")
         deadline = time.monotonic() + self.timeout
         while True:
-            spec = self._call(self._board.spec)
-            if spec is not None:
-                return spec
+            try:
+                self.cluster.status("client", timeout=max(1.0, min(5.0, self.timeout)))
+                return self
+            except WorkerUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    raise WorkerUnavailableError(
+                        "{} (waited {:.0f} s): is the cluster started? The model owner starts "
+                        "it with Cluster.start() / pk_start()".format(exc, self.timeout)) from None
+                time.sleep(0.2)
+
+    def _served_spec(self):
+        """The served model's public spec, waiting up to ``timeout`` for serving to begin."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            board = self.cluster.status("client", timeout=5.0)[0]
+            if board.state == wire.SERVING:
+                break
             if time.monotonic() > deadline:
                 raise NotServingError(
                     "no model is being served on cluster {} (waited {:.0f} s): start serving "
                     "with serve() in the model owner's process first".format(
                         self.cluster.hosts, self.timeout))
             time.sleep(0.05)
+        import json
 
-    def _call(self, fn, *args):
-        """Run a transport call; a worker that does not answer becomes a clear error."""
-        import tensorflow as tf
-
-        try:
-            return fn(*args)
-        except tf.errors.OpError as exc:
-            raise WorkerUnavailableError("cannot reach the workers {}: {}".format(
-                self.cluster.hosts, queues._first_line(exc))) from None
-
-    def _connect_model(self):
-        spec = self._read_spec()
+        spec = json.loads(board.spec_json)
         if tuple(spec["input_shape"][1:]) != self.input_shape[1:] or \
                 tuple(spec["output_shape"][1:]) != self.output_shape[1:]:
             raise InputError(
@@ -104,13 +128,12 @@ class Client:
                 "client was connected with input_shape={} and output_shape={}".format(
                     tuple(spec["input_shape"]), tuple(spec["output_shape"]), self.input_shape,
                     self.output_shape))
-        # Open (or reopen: handles are names, opening is idempotent) our own queues.
-        layout = LAYOUTS[spec["protocol"]]
-        self._mailbox = self._call(
-            queues.Mailbox, self.devices, mailbox_name(spec["signature"], self.client_id),
-            layout.share_counts, spec["input_shape"], spec["output_shape"])
-        self._tickets = self._call(self._board.tickets, spec["signature"])
-        self._layout, self._spec = layout, spec
+        if spec.get("fixed_point") != FIXED64.describe():
+            raise InputError("the served model uses the fixed-point encoding {}, this client "
+                             "{}: update privatekeras".format(spec.get("fixed_point"),
+                                                              FIXED64.describe()))
+        spec["session"] = board.session
+        return spec
 
     # -- queries ------------------------------------------------------------------------
     def _check_input(self, x):
@@ -134,7 +157,9 @@ class Client:
                              "size, then {})".format(x.shape, self.input_shape, want))
         if x.shape[0] == 0:
             raise InputError("the input is an empty batch (0 rows)")
-        return x.astype(np.float64)
+        x = x.astype(np.float64)
+        FIXED64.encode(x)  # a bad value fails the query before anything is sent
+        return x
 
     def query(self, x):
         """Private prediction: returns the logits for ``x`` (batch first) as a numpy array.
@@ -143,15 +168,10 @@ class Client:
         (the last one padded with zeros, which are discarded).
         """
         x = self._check_input(x)
-        if self._board is None or not is_connected(self.cluster):
-            self._attach()  # again, after close() or after this process was detached
-            self._spec = None
+        if self._stubs is None:
+            self._open()
         if self._spec is None:
-            self._connect_model()
-        layout = self._layout
-        # Encode everything first: a bad value fails the query before anything is sent.
-        for row in x:
-            layout.encode(row)
+            self._spec = self._served_spec()
         b = self._spec["batch_size"]
         n = x.shape[0]
         pad = (-n) % b
@@ -160,23 +180,53 @@ class Client:
         outs = [self._query_batch(x[i:i + b]) for i in range(0, x.shape[0], b)]
         return np.concatenate(outs, axis=0)[:n].astype(np.float32)
 
+    def predict_proba(self, x):
+        """Private prediction followed by a softmax computed here, on the client."""
+        return softmax(self.query(x).astype(np.float64)).astype(np.float32)
+
+    def _query_batch(self, xb):
+        spec, names = self._spec, self.cluster.worker_names
+        shares = share_values(xb)
+        query_id = os.urandom(16).hex()
+        secrets = [os.urandom(32) for _ in range(3)]
+        try:
+            _gather([stub.Submit.future(wire.M.SubmitRequest(
+                query_id=query_id, model_id=spec["model_id"], session=spec["session"],
+                shares=[wire.tensor(s) for s in shares[i]], fetch_digest=wire.digest(secrets[i])),
+                timeout=self.timeout) for i, stub in enumerate(self._stubs)], names)
+            answers = self._fetch(query_id, secrets)
+        except NotServingError:
+            self._spec = None  # look the served model up again next time
+            raise
+        out_shape = tuple(spec["output_shape"])
+        per_worker = [tuple(wire.array(t, out_shape) for t in reply.shares) for reply in answers]
+        return reconstruct_values(per_worker)
+
+    def _fetch(self, query_id, secrets):
+        """Each worker's answer shares, asking again while a worker says "not yet"."""
+        replies = [None] * 3
+        deadline = time.monotonic() + self.timeout
+        while True:
+            pending = [i for i in range(3) if replies[i] is None]
+            if not pending:
+                return replies
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerUnavailableError(
+                    "no answer within {:.0f} s: the workers are overloaded, stuck or "
+                    "gone".format(self.timeout))
+            wait = min(FETCH_WAIT, left)
+            got = _gather([self._stubs[i].Fetch.future(wire.M.FetchRequest(
+                query_id=query_id, fetch_secret=secrets[i], wait_seconds=wait),
+                timeout=wait + 10.0) for i in pending], [self.cluster.worker_names[i]
+                                                         for i in pending])
+            for i, reply in zip(pending, got):
+                if reply.ready:
+                    replies[i] = reply
+
     def close(self):
-        """Remove this client's queues from the workers and detach this process from the
-        cluster (back to local TensorFlow).
-
-        Call it when done querying: while connected, TensorFlow registers every new
-        ``tf.function`` (even a plain ``model.predict``) on the workers, which hangs once the
-        model owner has stopped them.
-        """
-        import tensorflow as tf
-
-        if self._spec is not None:
-            try:
-                self._mailbox.destroy()
-            except tf.errors.OpError:
-                pass  # the workers are gone, and the queues with them
-        disconnect_process()
-        self._spec = self._board = self._mailbox = self._tickets = None
+        """Forget the served model and the connection (``query()`` reconnects)."""
+        self._spec = self._stubs = None
 
     def __enter__(self):
         return self
@@ -184,65 +234,11 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def predict_proba(self, x):
-        """Private prediction followed by a softmax computed here, on the client."""
-        return softmax(self.query(x).astype(np.float64)).astype(np.float32)
-
-    def _query_batch(self, xb):
-        """Send one batch's shares to this client's queues, post a ticket, await the answer.
-
-        The ticket (our id, on worker 0) goes out only once every worker holds our shares,
-        so the owner's step always finds a complete query in our own queues.
-        """
-        import tensorflow as tf
-
-        per_worker = self._layout.split(xb)
-        watch = OwnerWatch(self._board, self._spec["session"])
-        try:
-            watch.check(before=True)  # NotServingError when nothing is served any more
-            self._mailbox.put_inputs(per_worker)
-            queues.enqueue(self.devices[0], self._tickets, [tf.constant(self.client_id)])
-            self._wait_answer(watch)
-            got = [tuple(t.numpy() for t in shares) for shares in self._mailbox.take_outputs()]
-            # The answer is in this process now: let the owner know it may stop.
-            self._board.post_ack()
-        except tf.errors.OpError as exc:
-            raise WorkerUnavailableError("a worker stopped answering during the query: "
-                                         "{}".format(queues._first_line(exc))) from None
-        except NotServingError:
-            self._spec = None  # look the served model up again next time
-            raise
-        return self._layout.reconstruct(got)
-
-    def _probe_workers(self):
-        """One round trip to every worker: a dead one becomes WorkerUnavailableError naming
-        it (while waiting, only the first worker's queue is polled)."""
-        import tensorflow as tf
-
-        for host, device in zip(self.cluster.hosts, self.devices):
-            try:
-                queues.ping(device)
-            except tf.errors.OpError as exc:
-                raise WorkerUnavailableError(
-                    "worker {} stopped answering during the query: {}".format(
-                        host, queues._first_line(exc))) from None
-
-    def _wait_answer(self, watch):
-        start = time.monotonic()
-        deadline = start + self.timeout
-        while True:
-            try:
-                self._mailbox.wait_outputs(0.5, "the answer", since=start)
-                return
-            except TimeoutError:
-                self._probe_workers()
-                watch.check()
-                if time.monotonic() > deadline:
-                    raise WorkerUnavailableError(
-                        "no answer within {:.0f} s: the model owner or a worker is stuck or "
-                        "gone".format(self.timeout)) from None
-
 
 def connect(cluster, input_shape, output_shape, timeout=60.0):
-    """Connect to the model served on ``cluster``; returns a :class:`Client`."""
-    return Client(cluster, input_shape, output_shape, timeout=timeout)
+    """Connect to the model served on ``cluster``; returns a :class:`Client`.
+
+    Waits up to ``timeout`` seconds for the three workers to answer (WorkerUnavailableError
+    otherwise); the served model itself is looked up at the first query.
+    """
+    return Client(cluster, input_shape, output_shape, timeout=timeout)._open()

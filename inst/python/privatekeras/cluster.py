@@ -1,4 +1,13 @@
-"""A cluster of exactly three workers, and the connection of this process to it."""
+"""A cluster: the three workers' addresses, this party's credentials for them, and (on one
+machine) the worker processes themselves.
+
+A ``Cluster`` is a description, cheap to make: the model owner starts it (``start()``, which
+spawns the three workers and makes a throw-away CA for them), a client makes one with the same
+addresses to connect. Every call to a worker goes over mutual TLS with a certificate of the
+cluster's CA: on one machine, the throw-away CA's certificates, found by the addresses in a
+private per-user directory; across hosts, the certificates named by a hosts file
+(:meth:`Cluster.from_config`).
+"""
 
 import atexit
 import ipaddress
@@ -12,15 +21,18 @@ import time
 import weakref
 
 from .errors import ClusterError, PortInUseError
+from .log import say
 
 JOB_NAME = "pk"
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+LOCAL_ROLES = ("owner", "client")
 
-_live_clusters = weakref.WeakSet()
+_live_clusters = weakref.WeakSet()  # started here: stopped at exit
 
 
-def _log(msg):
-    print("privatekeras: " + msg, file=sys.stderr, flush=True)
+def local_worker_names():
+    """The workers' names (and certificate CNs) in a cluster on one machine."""
+    return ["worker0", "worker1", "worker2"]
 
 
 def parse_host(host):
@@ -62,68 +74,40 @@ def _port_in_use(port):
         sock.close()
 
 
-def _accepts(name, port, timeout=0.5):
-    try:
-        with socket.create_connection(("127.0.0.1" if is_loopback(name) else name, port),
-                                      timeout=timeout):
-            return True
-    except OSError:
-        return False
+def _free_loopback_ports(n, avoid):
+    """``n`` distinct free TCP ports on 127.0.0.1 (for the workers' TensorFlow servers)."""
+    ports = []
+    while len(ports) < n:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        if port not in ports and port not in avoid:
+            ports.append(port)
+    return ports
 
 
-def _child_env(loopback_only):
-    """Environment for worker processes.
-
-    The interpreter's own lib directory goes first on LD_LIBRARY_PATH: R puts the system
-    library directory there, which makes a non-system Python load the wrong libpython.
-    """
-    from .kernels.build import loopback_library_path
-
-    env = dict(os.environ)
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [package_parent, env.get("PYTHONPATH", "")] if p
-    )
-    libdir = os.path.join(sys.base_prefix, "lib")
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        p for p in [libdir, env.get("LD_LIBRARY_PATH", "")] if p
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
-    if loopback_only:
-        shim = loopback_library_path()
-        if not os.path.exists(shim):
-            from .kernels import KernelsMissingError
-
-            raise KernelsMissingError(
-                "the loopback interposer {} is missing: run `python -m privatekeras.kernels "
-                "build`".format(shim)
-            )
-        preload.insert(0, shim)
-    if preload:
-        env["LD_PRELOAD"] = ":".join(preload)
-    return env
+def _format(name, port):
+    return "{}:{}".format(name if ":" not in name else "[{}]".format(name), port)
 
 
 class Cluster:
     """Three workers that hold secret shares and run the three-party protocol.
 
     Args:
-        hosts: exactly three ``"host:port"`` strings. Loopback names (``localhost``,
-            ``127.0.0.1``) make workers listen on loopback only; naming other addresses is
-            the explicit request to listen beyond this machine.
-        auto_managed: when True, :meth:`start` spawns the workers as local OS processes;
-            when False, the workers are expected to run already (e.g. on other hosts).
+        hosts: exactly three ``"host:port"`` strings: where the workers' APIs listen (mutual
+            TLS). Loopback names (``localhost``, ``127.0.0.1``) keep everything on this machine.
+        auto_managed: when True, :meth:`start` spawns the workers as local processes; when
+            False, they are expected to run already (started by another process, by hand or
+            by systemd).
         start_timeout: seconds to wait for all three workers to answer.
-        local_address: optional fixed ``"host:port"`` for the TensorFlow server that
-            connecting *this* process starts (its ``/job:localhost``). By default TensorFlow
-            picks an ephemeral port; a fixed one lets a tunnel carry the workers'
-            connections back to this process (see ``docs/security.md``).
 
-    ``Cluster`` objects are cheap: a client makes one with the same hosts to connect.
+    ``Cluster`` objects are cheap: a client makes one with the same hosts to connect. The
+    workers' TensorFlow servers are never reachable from owners or clients: they listen on
+    loopback, on ports the cluster picks when it starts.
     """
 
-    def __init__(self, hosts, auto_managed=True, start_timeout=120.0, local_address=None):
+    def __init__(self, hosts, auto_managed=True, start_timeout=120.0):
         if isinstance(hosts, str):
             hosts = [hosts]
         hosts = list(hosts)
@@ -133,42 +117,90 @@ class Cluster:
                 "{}".format(len(hosts), hosts)
             )
         parsed = [parse_host(h) for h in hosts]
-        ports = [p for _, p in parsed]
-        if len(set(ports)) != 3 and len({(n, p) for n, p in parsed}) != 3:
+        if len({(n, p) for n, p in parsed}) != 3:
             raise ClusterError("the three workers need distinct addresses, got {}".format(hosts))
         local = [is_loopback(n) for n, _ in parsed]
-        if auto_managed and len(set(ports)) != 3 and any(local):
-            raise ClusterError("auto-managed workers need three distinct ports, got {}".format(hosts))
-        self.hosts = ["{}:{}".format(n if ":" not in n else "[{}]".format(n), p) for n, p in parsed]
+        if auto_managed and len({p for _, p in parsed}) != 3:
+            raise ClusterError("auto-managed workers need three distinct ports, got {}".format(
+                hosts))
+        self.hosts = [_format(n, p) for n, p in parsed]
         self.auto_managed = bool(auto_managed)
         self.start_timeout = float(start_timeout)
         self.loopback_only = all(local)
-        self.job_name = JOB_NAME
+        self.worker_names = local_worker_names()
+        self.config = None  # the hosts file, for a cluster made by from_config()
+        self.party = None  # this process's party name in that file
         self._procs = []
         self._logdir = None
-        self._before_stop = []  # callbacks that release this process's remote state
-        self.local_address = None
-        if local_address is not None:  # opt-in: a fixed address for this process's server
-            name, port = parse_host(local_address)
-            self.local_address = "{}:{}".format(name if ":" not in name else "[{}]".format(name),
-                                                port)
+        self._made_credentials = False
+        self._stubs = {}  # role -> [wire.Stub] x 3
 
     @classmethod
     def from_config(cls, path, name, start_timeout=120.0):
-        """A Cluster for party ``name`` of a hosts file (workers on their own hosts).
+        """The cluster of a hosts file, as party ``name`` (the model owner or a client) sees
+        it: the workers run on their own hosts (``privatekeras worker --config ...``); this
+        process uses ``name``'s certificate."""
+        from .deploy.hosts import ConfigError, load
 
-        See :func:`privatekeras.hosts.cluster_from_config`.
-        """
-        from .hosts import cluster_from_config
+        config = load(path)
+        party = config.party(name)
+        if party.role == "worker":
+            raise ConfigError("{}: {!r} is a worker: run it with `privatekeras worker --config "
+                              "{} --name {}`".format(config.path, name, config.path, name))
+        cluster = cls(config.api_addresses, auto_managed=False, start_timeout=start_timeout)
+        cluster.worker_names = [w.name for w in config.workers]
+        cluster.config, cluster.party = config, name
+        return cluster
 
-        return cluster_from_config(path, name, start_timeout=start_timeout)
+    # -- credentials and channels ---------------------------------------------------------
+    def _local_key(self):
+        """The hosts as the throw-away CA's directory is named: loopback names unified."""
+        return [_format("localhost" if is_loopback(n) else n, p)
+                for n, p in map(parse_host, self.hosts)]
+
+    def credentials(self, role):
+        """This process's credentials for calling the workers as ``role`` (``"owner"`` or
+        ``"client"``)."""
+        if role not in LOCAL_ROLES:
+            raise ValueError("role must be 'owner' or 'client', got {!r}".format(role))
+        if self.config is not None:
+            party = self.config.party(self.party)
+            if party.role != role:
+                raise ClusterError(
+                    "this cluster was opened as {!r}, the {} in {}: acting as the {} needs "
+                    "that party's own entry (Cluster.from_config(path, NAME))".format(
+                        self.party, party.role, self.config.path, role))
+            return self.config.credentials(self.party)
+        from .deploy.pki import load_local
+
+        return load_local(self._local_key(), role)
+
+    def stubs(self, role):
+        """A :class:`privatekeras.wire.Stub` per worker for calls as ``role`` (channels are
+        opened once per cluster object and role)."""
+        if role not in self._stubs:
+            from . import wire
+
+            creds = self.credentials(role)
+            self._stubs[role] = [wire.Stub(wire.channel(h, creds, n))
+                                 for h, n in zip(self.hosts, self.worker_names)]
+        return self._stubs[role]
+
+    def status(self, role="owner", timeout=5.0):
+        """Each worker's public board (``wire.M.Board``), asked as ``role``; raises
+        WorkerUnavailableError (naming the worker) when one does not answer."""
+        from . import wire
+
+        futures = [s.Status.future(wire.M.Empty(), timeout=timeout) for s in self.stubs(role)]
+        boards = []
+        for name, future in zip(self.worker_names, futures):
+            try:
+                boards.append(future.result())
+            except Exception as exc:  # noqa: BLE001 - translated below
+                raise wire.translate(exc, name) from None
+        return boards
 
     # -- description -------------------------------------------------------------------
-    @property
-    def devices(self):
-        """TensorFlow device names of the three workers."""
-        return ["/job:{}/replica:0/task:{}/device:CPU:0".format(self.job_name, i) for i in range(3)]
-
     @property
     def pids(self):
         """PIDs of the auto-managed worker processes that are still running."""
@@ -184,37 +216,46 @@ class Cluster:
             state = "running (pids {})".format(self.pids) if self.running else "stopped"
         else:
             state = "external workers"
-        return "<privatekeras.Cluster {} [{}]; listening on {}>".format(
-            ", ".join(self.hosts), state, "loopback only" if self.loopback_only else "named addresses"
-        )
+        return "<privatekeras.Cluster {} [{}]; {}>".format(
+            ", ".join(self.hosts), state,
+            "on this machine" if self.loopback_only else "APIs on named addresses")
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self):
-        """Spawn the three workers and wait until all answer. Returns self."""
+        """Spawn the three workers, with a fresh throw-away CA for them, and wait until all
+        answer. Returns self."""
         if not self.auto_managed:
             raise ClusterError(
-                "this cluster is not auto-managed: start its workers with "
-                "`python -m privatekeras.worker` on each host"
+                "this cluster is not auto-managed: start its workers with `privatekeras "
+                "worker` on each host"
             )
         if self.running:
             return self
         self.stop()
+        ports = []
         for host in self.hosts:
             name, port = parse_host(host)
-            if not is_loopback(name):
-                continue
-            if _port_in_use(port):
+            ports.append(port)
+            if is_loopback(name) and _port_in_use(port):
                 raise PortInUseError(
                     "port {} ({}) is already in use, by another program or another cluster; "
                     "choose other ports or stop the process that holds it".format(port, host)
                 )
-        env = _child_env(self.loopback_only)
+        from .deploy.confine import interposer_env
+        from .deploy.pki import make_local
+
+        base_env = interposer_env()
+        make_local(self._local_key())
+        self._made_credentials = True
+        compute = ["127.0.0.1:{}".format(p) for p in _free_loopback_ports(3, avoid=ports)]
         self._logdir = tempfile.mkdtemp(prefix="privatekeras-cluster-")
-        _log("starting 3 workers on {} ...".format(", ".join(self.hosts)))
+        say("starting 3 workers on {} ...".format(", ".join(self.hosts)))
         for i in range(3):
+            env = dict(base_env, PRIVATEKERAS_CONFINE_PORTS=compute[i].rpartition(":")[2])
             log = open(os.path.join(self._logdir, "worker{}.log".format(i)), "w")
-            cmd = [sys.executable, "-m", "privatekeras.worker", "--hosts", ",".join(self.hosts),
-                   "--index", str(i), "--job", self.job_name, "--parent-pid", str(os.getpid())]
+            cmd = [sys.executable, "-m", "privatekeras", "worker", "--hosts",
+                   ",".join(self._local_key()), "--index", str(i), "--compute",
+                   ",".join(compute), "--parent-pid", str(os.getpid())]
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
             log.close()
@@ -248,36 +289,29 @@ class Cluster:
                             i, self.hosts[i], proc.returncode, self._worker_log(i))
                     )
                 if i not in ready and "READY" in self._worker_log(i, tail=100000):
-                    if _accepts(*parse_host(self.hosts[i])):
-                        ready.add(i)
+                    ready.add(i)
             now = time.monotonic()
             if now - last_report > 5 or len(ready) == 3:
-                _log("workers ready: {}/3".format(len(ready)))
+                say("workers ready: {}/3".format(len(ready)))
                 last_report = now
             if len(ready) == 3:
                 break
             if now > deadline:
+                missing = min(set(range(3)) - ready)
                 raise ClusterError(
                     "workers did not start within {:.0f} s (ready: {}/3); last log of worker "
-                    "{}:\n{}".format(self.start_timeout, len(ready), min(set(range(3)) - ready),
-                                     self._worker_log(min(set(range(3)) - ready)))
-                )
+                    "{}:\n{}".format(self.start_timeout, len(ready), missing,
+                                     self._worker_log(missing)))
             time.sleep(0.1)
-
-    def on_stop(self, callback):
-        """Run ``callback()`` before the workers are stopped (releases remote functions)."""
-        self._before_stop.append(callback)
+        self.status()  # every worker answers over mutual TLS
 
     def stop(self, timeout=10.0):
-        """End the auto-managed worker processes (by PID) and free their ports."""
-        callbacks, self._before_stop = self._before_stop, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # noqa: BLE001 - the workers are stopped regardless
-                pass
-        if _connected == tuple(self.hosts):
-            disconnect_process()  # while the workers still answer: a clean detach
+        """End the auto-managed worker processes (by PID), free their ports and delete the
+        throw-away CA's credentials. Does nothing to workers this object did not start."""
+        for stubs in self._stubs.values():
+            for stub in stubs:
+                stub.close()
+        self._stubs = {}
         procs, self._procs = self._procs, []
         for proc in procs:
             if proc.poll() is None:
@@ -290,7 +324,12 @@ class Cluster:
                 proc.kill()
                 proc.wait()
         if procs:
-            _log("workers stopped")
+            say("workers stopped")
+        if self._made_credentials:
+            from .deploy.pki import remove_local
+
+            remove_local(self._local_key())
+            self._made_credentials = False
         if self._logdir is not None:
             shutil.rmtree(self._logdir, ignore_errors=True)
             self._logdir = None
@@ -309,117 +348,3 @@ def _stop_all():
 
 
 atexit.register(_stop_all)
-
-
-# -- connecting this process ----------------------------------------------------------
-_connected = None
-
-
-def wait_reachable(cluster, timeout):
-    """Wait until every worker accepts TCP connections; a clear error after ``timeout`` s.
-
-    TensorFlow's own connect blocks without limit on an address where nothing listens.
-    """
-    deadline = time.monotonic() + timeout
-    pending = list(cluster.hosts)
-    reported = False
-    while True:
-        pending = [h for h in pending if not _accepts(*parse_host(h))]
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            from .errors import WorkerUnavailableError
-
-            raise WorkerUnavailableError(
-                "cannot reach worker(s) {} (waited {:.0f} s): is the cluster started? The "
-                "model owner starts it with Cluster.start() / pk_start()".format(
-                    ", ".join(pending), timeout))
-        if not reported:
-            _log("waiting for workers {} to answer ...".format(", ".join(pending)))
-            reported = True
-        time.sleep(0.2)
-
-
-def connect_process(cluster, timeout=60.0, local_address=None):
-    """Make the three workers' devices usable from this process (once per process).
-
-    TensorFlow allows one cluster per process: connecting to a different one is an error.
-    Unreachable workers give WorkerUnavailableError after ``timeout`` seconds.
-    ``local_address`` (default: ``cluster.local_address``, else an ephemeral port chosen by
-    TensorFlow) fixes the ``"host:port"`` of the TensorFlow server this process starts.
-    """
-    global _connected
-    key = tuple(cluster.hosts)
-    if _connected == key:
-        return
-    if _connected is not None:
-        raise ClusterError(
-            "this process is already connected to cluster {}; TensorFlow supports one cluster "
-            "per process, so use a new process for {}".format(list(_connected), cluster.hosts)
-        )
-    wait_reachable(cluster, timeout)
-    import tensorflow as tf
-
-    if local_address is None:
-        local_address = getattr(cluster, "local_address", None)
-    # Processes of this machine create their contexts on the workers one at a time: two
-    # simultaneous CreateContext calls have made a worker drop the connection (seen in CI).
-    import fcntl
-    import hashlib
-
-    lock_path = os.path.join(tempfile.gettempdir(), "privatekeras-connect-{}.lock".format(
-        hashlib.sha1(",".join(cluster.hosts).encode()).hexdigest()[:12]))
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        with _quiet_native_stderr():  # TF's C++ logger announces the local server it starts
-            if local_address is None:
-                tf.config.experimental_connect_to_host(cluster.hosts, job_name=cluster.job_name)
-            else:  # opt-in: this process's own server at a fixed address (tunnelled setups)
-                tf.config.experimental_connect_to_cluster(
-                    tf.train.ClusterSpec({cluster.job_name: list(cluster.hosts),
-                                          "localhost": [local_address]}),
-                    job_name="localhost")
-    _connected = key
-
-
-def is_connected(cluster):
-    """Whether this process is connected to ``cluster`` now."""
-    return _connected == tuple(cluster.hosts)
-
-
-def disconnect_process():
-    """Detach this process from its cluster, back to local TensorFlow only.
-
-    While connected, TensorFlow registers every new ``tf.function`` (even a plain
-    ``model.predict``) on the remote workers, so once they are gone such calls would hang.
-    """
-    global _connected
-    if _connected is None:
-        return
-    import tensorflow as tf
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    with _quiet_native_stderr():  # TF logs the server swap and closing remote contexts
-        tf.config.experimental_connect_to_cluster(
-            tf.train.ClusterSpec({"localhost": ["localhost:{}".format(port)]}),
-            job_name="localhost")
-    _connected = None
-
-
-class _quiet_native_stderr:
-    """Silence file descriptor 2 (C++ logging) for the duration of one expected-noisy call;
-    Python exceptions still propagate."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-
-    def __exit__(self, *exc):
-        os.dup2(self._saved, 2)
-        os.close(self._saved)

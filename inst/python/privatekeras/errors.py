@@ -31,6 +31,11 @@ class WorkerUnavailableError(PrivateKerasError):
     """A worker stopped answering during a query or while serving."""
 
 
+class AccessDeniedError(PrivateKerasError):
+    """A worker refused the call: no certificate of the cluster's CA, or a role that may not
+    make it (a client calling an owner method, say)."""
+
+
 class OwnerUnavailableError(PrivateKerasError):
     """The model owner's process stopped serving without withdrawing (died or hangs)."""
 
@@ -44,5 +49,6 @@ __all__ = [
     "NotServingError",
     "WorkerUnavailableError",
     "OwnerUnavailableError",
+    "AccessDeniedError",
     "KernelsMissingError",
 ]

@@ -14,9 +14,9 @@ run with only their import line changed::
 import warnings
 import weakref
 
-from .client import Client
+from .client import connect
 from .cluster import Cluster
-from .serving import SharedModel
+from .owner import share
 
 _shared = weakref.WeakKeyDictionary()
 
@@ -32,7 +32,7 @@ def _shared_of(model):
 def _model_share(self, cluster, protocol="aby3", batch_size=None):
     """Secret-share this model's weights onto ``cluster`` (a TFECluster or Cluster)."""
     cluster = cluster.cluster if isinstance(cluster, TFECluster) else cluster
-    _shared[self] = SharedModel(self, cluster, protocol=protocol, batch_size=batch_size)
+    _shared[self] = share(self, cluster, protocol=protocol, batch_size=batch_size)
     return self
 
 
@@ -112,7 +112,7 @@ class TFEWorker:
     def connect_to_model(self, input_shape, output_shape, cluster, timeout=60.0):
         """Connect this client to the model served on ``cluster``."""
         cluster = cluster.cluster if isinstance(cluster, TFECluster) else cluster
-        self._client = Client(cluster, input_shape, output_shape, timeout=timeout)
+        self._client = connect(cluster, input_shape, output_shape, timeout=timeout)
         return self
 
     def query_model(self, x):

@@ -1,92 +1,654 @@
-"""A worker process: one TensorFlow gRPC server holding secret shares.
+"""A worker: one of the three parties that hold shares and compute.
 
-Started by :class:`privatekeras.Cluster` as ``python -m privatekeras.worker``; it loads the
-secure kernels (refusing to start without them), starts its server, prints ``READY`` and
-serves until it is terminated.
+Each worker process runs two servers:
+
+* its **API** (gRPC, mutual TLS; methods in :mod:`privatekeras.wire`), the only thing owners
+  and clients can reach: the owner uploads this worker's weight shares, clients submit their
+  input shares and fetch their answer shares;
+* its **TensorFlow server** on the compute port, reachable only by the other two workers
+  (loopback on one machine, stunnel links across hosts). Worker 0's process drives the
+  private step over the three TensorFlow servers; workers 1 and 2 only serve it.
+
+A worker keeps what it receives in TensorFlow resources on its own device
+(:mod:`privatekeras.mpc.store`). Worker 0 also keeps the public board (served model, serving
+state) and decides which queries form the next step: a query is evaluated only when all three
+workers hold its shares (workers 1 and 2 report each arrival), and after the step it tells
+workers 1 and 2 which answers are in their output tables. A client fetches each worker's answer
+shares with the secret whose digest it sent that worker with its shares; a worker never sees
+another worker's secret.
 """
 
-import argparse
+import collections
+import concurrent.futures
+import json
 import os
-import signal
-import sys
+import re
+import threading
+import time
+
+import grpc
+
+from . import wire
+from .errors import PrivateKerasError
+from .log import say, warn
+from .wire import M, Refusal
+
+QUERY_ID = re.compile(r"^[0-9a-f]{32}$")
+MODEL_ID = re.compile(r"^[0-9a-f]{16,64}$")
+MAX_WAITING = 4096  # queries a worker holds at once
+QUERY_TTL = 300.0  # seconds before an unevaluated or unfetched query is dropped
+MAX_FETCH_WAIT = 10.0  # longest a Fetch call waits for its answer before saying "not yet"
+IDLE_CHECK = 0.5  # while serving and idle, worker 0 checks the other workers this often
+PICKUP_PATIENCE = 10.0  # serve() waits this long without progress for answers to be fetched
+PEER_TIMEOUT = 5.0
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m privatekeras.worker")
-    parser.add_argument("--hosts", help="comma-separated host:port of all workers")
-    parser.add_argument("--index", type=int, help="this worker's position")
-    # Separate hosts: read --hosts/--index/--job from a hosts file (privatekeras.hosts).
-    parser.add_argument("--config", help="hosts file (TOML) listing the workers")
-    parser.add_argument("--name", help="this worker's name in the hosts file")
-    parser.add_argument("--job", default="pk", help="TensorFlow job name of the cluster")
-    parser.add_argument("--parent-pid", type=int, default=None,
-                        help="exit when this process (the one that started us) dies")
-    args = parser.parse_args(argv)
-    if args.config:  # workers on separate hosts, linked by privatekeras.tunnel
-        if not args.name:
-            parser.error("--config needs --name (this worker's name in the hosts file)")
-        from .hosts import worker_args
+class Query:
+    """One client query as this worker holds it."""
 
-        hosts, args.index, args.job = worker_args(args.config, args.name)
-    elif args.hosts is None or args.index is None:
-        parser.error("give --hosts and --index, or --config and --name")
-    else:
-        hosts = args.hosts.split(",")
-    _confine_to_loopback(hosts, argv)
+    __slots__ = ("id", "digest", "born", "output", "error", "ready", "session")
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # SIGTERM keeps its default action (terminate at once): a Python handler would never
-    # run while the main thread waits inside the C++ server.
-    if args.parent_pid is not None:
-        _die_with_parent(args.parent_pid)
-    from .kernels import loader
-
-    loader.load()  # the ops run here: without our CSPRNG kernels, refuse to serve
-    import tensorflow as tf
-
-    server = tf.distribute.Server(
-        tf.train.ClusterSpec({args.job: hosts}),
-        job_name=args.job,
-        task_index=args.index,
-        start=True,
-    )
-    print("READY {} {}".format(args.index, hosts[args.index]), flush=True)
-    server.join()
-    return 0
+    def __init__(self, query_id, digest, session):
+        self.id, self.digest, self.session = query_id, digest, session
+        self.born = time.monotonic()
+        self.output = None  # this worker's answer pair, once evaluated
+        self.error = None  # (kind, message) when it will never be evaluated
+        self.ready = threading.Event()
 
 
-def _confine_to_loopback(hosts, argv):
-    """Re-execute this worker with the loopback interposer preloaded when every worker
-    address is a loopback one but the interposer is not loaded yet (a worker started by hand
-    rather than by Cluster.start()): TensorFlow would otherwise listen on all interfaces."""
-    from .cluster import is_loopback, parse_host
-    from .loopback import loopback_active, loopback_env
+class Model:
+    """The uploaded model as this worker knows it: the public spec and its resources."""
 
-    if loopback_active() or not all(is_loopback(parse_host(h)[0]) for h in hosts):
-        return
-    argv = sys.argv[1:] if argv is None else list(argv)
-    env = loopback_env()
-    env["PRIVATEKERAS_WORKER_REEXEC"] = "1"
-    if os.environ.get("PRIVATEKERAS_WORKER_REEXEC"):  # the preload did not take: refuse
-        raise SystemExit("privatekeras.worker: cannot confine this worker to loopback "
-                         "(LD_PRELOAD={!r} was not loaded)".format(env.get("LD_PRELOAD")))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "privatekeras.worker"] + argv, env)
+    def __init__(self, spec, local_store):
+        self.spec, self.store = spec, local_store
+        self.id = spec["model_id"]
+        self.in_shape = tuple(spec["input_shape"])
+        self.out_shape = tuple(spec["output_shape"])
+
+    def client_spec(self):
+        """What clients are told: shapes, protocol, encoding; not the architecture."""
+        keep = ("model_id", "name", "protocol", "batch_size", "input_shape", "output_shape",
+                "output_activation", "fixed_point")
+        return {k: self.spec[k] for k in keep if k in self.spec}
 
 
-def _die_with_parent(parent_pid):
-    """Ask Linux to SIGTERM us when our parent dies, so killed owners leave no workers."""
+class WorkerConfig:
+    """Where worker ``index`` listens and who its peers are.
+
+    Args:
+        index: 0, 1 or 2.
+        names: the three workers' names (their certificates' CNs).
+        api: the three workers' API addresses, as the other parties reach them.
+        api_listen: what this worker's API server binds (default: its ``api`` address).
+        compute: the three workers' TensorFlow addresses as the workers reach them.
+        compute_port: the port this worker's TensorFlow server binds on 127.0.0.1 (default:
+            the port of its ``compute`` address).
+        credentials: this worker's TLS credentials (privatekeras.deploy.pki.Credentials).
+        job: the TensorFlow job name.
+    """
+
+    def __init__(self, index, names, api, compute, credentials, api_listen=None,
+                 compute_port=None, job="pk"):
+        self.index, self.names, self.api, self.compute = index, list(names), list(api), list(
+            compute)
+        self.credentials, self.job = credentials, job
+        self.api_listen = api_listen or self.api[index]
+        self.compute_port = compute_port or int(self.compute[index].rpartition(":")[2])
+
+    @property
+    def name(self):
+        return self.names[self.index]
+
+    @property
+    def devices(self):
+        return ["/job:{}/replica:0/task:{}/device:CPU:0".format(self.job, i) for i in range(3)]
+
+
+class WorkerServer:
+    """One worker's API server and its part of the computation. Cheap to construct;
+    :meth:`start` joins the compute cluster and opens the API."""
+
+    def __init__(self, config):
+        self.config = config
+        self.index = config.index
+        self._cv = threading.Condition()
+        self._model = None
+        self._queries = {}  # query id -> Query
+        self._state = wire.EMPTY
+        self._message = "no model uploaded"
+        self._server = None
+        self._peers = {}  # index -> wire.Stub, made on first use
+        self._closing = threading.Event()
+        # worker 0 only
+        self._engine = None
+        self._steps = {}  # group size -> traced step
+        self._arrivals = {}  # query id -> (set of worker indices holding its shares, since)
+        self._ready = collections.deque()  # query ids complete on every worker, in order
+        self._session = ""
+        self._answered = 0  # in the current or last serving session
+        self._stop_serving = threading.Event()
+        self._uncollected = {}  # query id -> worker indices whose answer share is not fetched
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self):
+        """Join the workers' compute cluster, open the API, and (worker 0) wait for the other
+        two workers. Returns self."""
+        from .kernels import loader
+
+        loader.load()  # our CSPRNG kernels run here: without them, refuse to start
+        if self.index != 0:
+            self._join_compute()
+        self._open_api()
+        if self.index == 0:
+            from .mpc.tfe_compat import import_tfe
+
+            import_tfe()  # before joining: TF Encrypted builds a default protocol on import
+            self._await_peers()
+            self._join_compute()
+        threading.Thread(target=self._janitor, name="privatekeras-janitor", daemon=True).start()
+        return self
+
+    def _join_compute(self):
+        """Start this worker's TensorFlow server (worker 0: and connect to the other two)."""
+        import tensorflow as tf
+        from tensorflow.core.protobuf import tensorflow_server_pb2
+        from tensorflow.python.eager import context
+
+        cfg = self.config
+        if self.index == 0:
+            tasks = dict(enumerate(cfg.compute))
+        else:  # workers 1 and 2 only serve worker 0's graphs; they need no other address
+            tasks = {self.index: "127.0.0.1:{}".format(cfg.compute_port)}
+        cluster = tf.train.ClusterSpec({cfg.job: tasks}).as_cluster_def()
+        server_def = tensorflow_server_pb2.ServerDef(
+            cluster=cluster, job_name=cfg.job, task_index=self.index, protocol="grpc",
+            port=cfg.compute_port, default_session_config=context.context().config)
+        context.set_server_def(server_def)
+        tf.config.list_logical_devices()  # starts the server (and worker 0's remote contexts)
+        say("%s: TensorFlow server on 127.0.0.1:%d (workers only)", cfg.name, cfg.compute_port)
+
+    def _open_api(self):
+        self._server = grpc.server(concurrent.futures.ThreadPoolExecutor(
+            max_workers=64, thread_name_prefix="privatekeras-api"),
+            options=wire.SERVER_OPTIONS, maximum_concurrent_rpcs=256)
+        self._server.add_generic_rpc_handlers((wire.handlers(self),))
+        bound = self._server.add_secure_port(self.config.api_listen,
+                                             wire.server_credentials(self.config.credentials))
+        if not bound:
+            raise PrivateKerasError("worker {}: cannot listen on {} (port in use?)".format(
+                self.config.name, self.config.api_listen))
+        self._server.start()
+        say("%s: API (mutual TLS) on %s", self.config.name, self.config.api_listen)
+
+    def _await_peers(self):
+        """Worker 0 waits until workers 1 and 2 answer on their APIs (so their TensorFlow
+        servers are up) before connecting the compute cluster."""
+        last = 0.0
+        for i in (1, 2):
+            while True:
+                try:
+                    self._peer(i).Status(M.Empty(), timeout=PEER_TIMEOUT)
+                    break
+                except grpc.RpcError as exc:
+                    if time.monotonic() - last > 5:
+                        say("%s: waiting for %s (%s) ...", self.config.name,
+                            self.config.names[i], wire.translate(exc, self.config.names[i]))
+                        last = time.monotonic()
+                    if self._closing.wait(0.2):
+                        return
+
+    def wait(self):
+        """Block until the API server ends."""
+        self._server.wait_for_termination()
+
+    def stop(self, grace=1.0):
+        self._closing.set()
+        if self._server is not None:
+            self._server.stop(grace)
+
+    def _peer(self, i):
+        stub = self._peers.get(i)
+        if stub is None:
+            cfg = self.config
+            stub = wire.Stub(wire.channel(cfg.api[i], cfg.credentials, cfg.names[i]))
+            self._peers[i] = stub
+        return stub
+
+    def _check_peer_index(self, peer, index, method):
+        if not 0 <= index < 3 or peer[0] != self.config.names[index]:
+            raise Refusal("Denied", "{}: {!r} is not worker {}".format(method, peer[0], index))
+
+    def _only_worker0(self, method):
+        if self.index != 0:
+            raise Refusal("Failed", "{} goes to worker 0 ({}), not to {}".format(
+                method, self.config.names[0], self.config.name))
+
+    # -- the public board --------------------------------------------------------------------
+    def Status(self, request, context, peer):
+        with self._cv:
+            model = self._model
+            spec = "" if model is None else json.dumps(
+                model.client_spec() if peer[1] == "client" else model.spec)
+            return M.Board(worker=self.config.name, index=self.index, state=self._state,
+                           session=self._session, answered=self._answered,
+                           message=self._message, model_id=model.id if model else "",
+                           spec_json=spec)
+
+    # -- the owner's calls -----------------------------------------------------------------
+    def Upload(self, chunks, context, peer):
+        spec, tensors = None, []
+        for chunk in chunks:
+            if chunk.spec_json:
+                if spec is not None:
+                    raise Refusal("BadInput", "an upload carries one model spec")
+                spec = _parse_spec(chunk.spec_json)
+            tensors.extend(chunk.weights)
+        if spec is None:
+            raise Refusal("BadInput", "the upload carried no model spec")
+        shapes = [tuple(s) for layer in spec["layers"] for s in layer["weight_shapes"]]
+        from .mpc import store
+
+        if len(tensors) != store.SHARES * len(shapes):
+            raise Refusal("BadInput", "expected {} weight shares ({} per weight), got {}".format(
+                store.SHARES * len(shapes), store.SHARES, len(tensors)))
+        try:
+            pairs = [[wire.array(tensors[store.SHARES * k + j], shape)
+                      for j in range(store.SHARES)] for k, shape in enumerate(shapes)]
+        except PrivateKerasError as exc:
+            raise Refusal("BadInput", str(exc)) from None
+        with self._cv:
+            if self._state == wire.SERVING:
+                raise Refusal("Busy", "a model is being served on this cluster: stop serving "
+                                      "before uploading another")
+            old, self._model = self._model, None
+            self._state, self._message = wire.EMPTY, "receiving a model"
+            self._fail_all("NotServing", "the model owner uploaded another model")
+        if old is not None:
+            old.store.destroy()
+        local = store.LocalStore(self.config.devices[self.index], spec["model_id"], shapes,
+                                 _size(spec["input_shape"]), _size(spec["output_shape"]))
+        local.put_weights(pairs)
+        with self._cv:
+            self._model = Model(spec, local)
+            self._steps = {}
+            self._state, self._message = wire.LOADED, "model {!r} uploaded".format(spec["name"])
+        say("%s: holds its shares of model %r (%s) from %s", self.config.name, spec["name"],
+            spec["model_id"], peer[0])
+        return self.Status(None, context, peer)
+
+    def Prepare(self, request, context, peer):
+        self._only_worker0("Prepare")
+        model = self._model
+        if model is None or model.id != request.model_id:
+            raise Refusal("Failed", "worker 0 does not hold model {}: upload it first".format(
+                request.model_id))
+        for i in (1, 2):
+            try:
+                board = self._peer(i).Status(M.Empty(), timeout=PEER_TIMEOUT)
+            except grpc.RpcError as exc:
+                raise Refusal("WorkerLost", str(wire.translate(exc, self.config.names[i])))
+            if board.model_id != model.id:
+                raise Refusal("Failed", "{} holds model {!r}, not {}: upload to all three "
+                              "workers".format(self.config.names[i], board.model_id, model.id))
+        from .mpc.aby3 import ABY3Engine
+
+        t0 = time.monotonic()
+        yield M.Progress(message="tracing the private model (first time only) ...")
+        if self._engine is None:
+            self._engine = ABY3Engine(self.config.devices, self.config.compute, self.config.job)
+        import tensorflow as tf
+
+        from .mpc.store import PAD_ID
+
+        steps = {}
+        for group in sorted({1, int(model.spec.get("max_group", 1))}):
+            steps[group] = self._engine.build_step(model.spec, group)
+            t1 = time.monotonic()
+            yield M.Progress(message="traced {}in {:.1f} s; first run on the workers ...".format(
+                "" if group == 1 else "the step for groups of {} ".format(group), t1 - t0),
+                seconds=t1 - t0)
+            steps[group](tf.constant([PAD_ID] * group))  # shares of zeros: public padding
+            t0 = time.monotonic()
+            yield M.Progress(message="ready in {:.1f} s".format(t0 - t1), seconds=t0 - t1)
+        with self._cv:
+            if self._model is model:
+                self._steps = steps
+                self._state, self._message = wire.READY, "model {!r} ready".format(
+                    model.spec["name"])
+        yield M.Progress(message="ready", done=True)
+
+    def StopServing(self, request, context, peer):
+        self._only_worker0("StopServing")
+        self._end_serving(self._session, "NotServing",
+                          "no model is being served any more: the model owner stopped serving")
+        return self.Status(None, context, peer)
+
+    def Serve(self, request, context, peer):
+        self._only_worker0("Serve")
+        with self._cv:
+            if self._state == wire.SERVING:
+                raise Refusal("Busy", "the model is already being served (another serve() "
+                                      "call); stop it first")
+            if self._state == "failed":
+                raise Refusal("WorkerLost", "{}; restart the cluster".format(self._message))
+            if self._state != wire.READY:
+                raise Refusal("NotServing", "no prepared model to serve: share() it first")
+            session = os.urandom(8).hex()
+            self._session, self._state, self._answered = session, wire.SERVING, 0
+            self._message = "serving"
+            self._stop_serving = stop = threading.Event()
+            self._uncollected = {}
+            max_group = max(self._steps)
+        context.add_callback(lambda: self._end_serving(
+            session, "OwnerGone", "the model owner stopped serving without withdrawing (its "
+                                  "process ended or lost its connection)"))
+        limit = None if request.unlimited else int(request.num_requests)
+        idle = request.idle_timeout if request.idle_timeout > 0 else None
+        say("%s: serving model %r (%s requests), session %s", self.config.name,
+            self._model.spec["name"], "unlimited" if limit is None else limit, session)
+        yield M.ServeEvent(session=session, message="serving")
+        answered = 0
+        try:
+            while limit is None or answered < limit:
+                ids = self._next_group(stop, max_group if limit is None else min(
+                    max_group, limit - answered), idle)
+                if not ids:
+                    break
+                self._evaluate(ids, session)
+                answered += len(ids)
+                yield M.ServeEvent(answered=answered, session=session)
+            self._await_pickup(stop)
+        except Refusal as refusal:
+            self._end_serving(session, refusal.kind, refusal.message, failed=True)
+            raise
+        finally:
+            self._end_serving(session, "NotServing", "the model stopped being served")
+        yield M.ServeEvent(answered=answered, session=session, message="stopped")
+
+    def _end_serving(self, session, kind, message, failed=False):
+        """End the serving session ``session`` (if it is still the current one): queries
+        not yet answered fail with ``kind``."""
+        with self._cv:
+            if self._session != session or self._state != wire.SERVING:
+                return
+            self._state = "failed" if failed else wire.READY
+            self._message = message
+            self._stop_serving.set()
+            self._fail_all(kind, message)
+            self._cv.notify_all()
+        if kind != "NotServing" or failed:
+            warn("%s: serving ended: %s", self.config.name, message)
+
+    def _fail_all(self, kind, message):
+        """(Under the lock.) Every query not yet evaluated fails with ``kind``."""
+        for query in self._queries.values():
+            if query.output is None and query.error is None:
+                query.error = (kind, message)
+                query.ready.set()
+        self._arrivals.clear()
+        self._ready.clear()
+
+    def _next_group(self, stop, limit, idle_timeout):
+        """Ids of up to ``limit`` queries whose shares every worker holds, in arrival order;
+        None when serving ends. While idle, checks the other workers every IDLE_CHECK s."""
+        since = time.monotonic()
+        while True:
+            with self._cv:
+                if stop.is_set():
+                    return None
+                if not self._ready:
+                    self._cv.wait(IDLE_CHECK)
+                if stop.is_set():
+                    return None
+                if self._ready:
+                    return [self._ready.popleft() for _ in range(min(limit, len(self._ready)))]
+            self._check_peers()
+            if idle_timeout is not None and time.monotonic() - since > idle_timeout:
+                say("%s: no query for %g s (idle_timeout): serving ends", self.config.name,
+                    idle_timeout)
+                return None
+
+    def _check_peers(self):
+        for i in (1, 2):
+            try:
+                self._peer(i).Status(M.Empty(), timeout=PEER_TIMEOUT)
+            except grpc.RpcError as exc:
+                raise Refusal("WorkerLost", "serving failed: {}".format(
+                    wire.translate(exc, self.config.names[i]))) from None
+
+    def _evaluate(self, ids, session):
+        """Run the private step on these queries and hand each worker its answers."""
+        import tensorflow as tf
+
+        from .mpc.store import PAD_ID
+
+        group = 1 if len(ids) == 1 else max(self._steps)
+        keys = ids + [PAD_ID] * (group - len(ids))
+        try:
+            self._steps[group](tf.constant(keys))
+        except tf.errors.OpError as exc:
+            self._check_peers()
+            raise Refusal("WorkerLost", "serving failed, a worker stopped answering: {}".format(
+                _first_line(exc))) from None
+        notes = [self._peer(i).Done.future(M.DoneNote(query_ids=ids), timeout=PEER_TIMEOUT)
+                 for i in (1, 2)]
+        self._deliver_outputs(ids)
+        with self._cv:
+            for qid in ids:
+                self._uncollected[qid] = {0, 1, 2}
+            self._answered += len(ids)
+        for i, note in zip((1, 2), notes):
+            try:
+                note.result()
+            except grpc.RpcError as exc:
+                raise Refusal("WorkerLost", "serving failed: {}".format(
+                    wire.translate(exc, self.config.names[i]))) from None
+
+    def _deliver_outputs(self, ids):
+        """Take this worker's answer shares of evaluated queries out of its output table and
+        release the clients' fetches."""
+        model = self._model
+        for qid in ids:
+            with self._cv:
+                query = self._queries.get(qid)
+            if query is None:  # expired meanwhile: nobody will fetch it
+                model.store.drop([qid])
+                continue
+            query.output = model.store.take_output(qid, model.out_shape)
+            query.ready.set()
+
+    def _await_pickup(self, stop):
+        """Wait until every answer of this session was fetched from all three workers (a
+        caller that stops the cluster right after serve() must not cut a client off its last
+        answer); give up after PICKUP_PATIENCE s without progress."""
+        last, since = None, time.monotonic()
+        while True:
+            with self._cv:
+                left = sum(len(s) for s in self._uncollected.values())
+                if left == 0 or stop.is_set():
+                    return
+                if left != last:
+                    last, since = left, time.monotonic()
+                elif time.monotonic() - since > PICKUP_PATIENCE:
+                    warn("%s: %d answer share(s) not fetched by their clients after %.0f s",
+                         self.config.name, left, PICKUP_PATIENCE)
+                    return
+                self._cv.wait(0.05)
+
+    # -- the clients' calls ----------------------------------------------------------------
+    def Submit(self, request, context, peer):
+        model = self._model
+        if model is None:
+            raise Refusal("NotServing", "no model is being served on this cluster")
+        if request.model_id != model.id:
+            raise Refusal("NotServing", "the model owner has replaced the served model; "
+                                        "query again")
+        if not QUERY_ID.match(request.query_id):
+            raise Refusal("BadInput", "a query id is 32 lowercase hex digits")
+        if len(request.fetch_digest) != 32:
+            raise Refusal("BadInput", "the fetch digest must be 32 bytes (SHA-256)")
+        from .mpc.store import SHARES
+
+        if len(request.shares) != SHARES:
+            raise Refusal("BadInput", "expected {} input shares, got {}".format(
+                SHARES, len(request.shares)))
+        try:
+            pair = [wire.array(t, model.in_shape) for t in request.shares]
+        except PrivateKerasError as exc:
+            raise Refusal("BadInput", str(exc)) from None
+        with self._cv:
+            if self.index == 0:
+                if self._state != wire.SERVING:
+                    raise Refusal("NotServing", "no model is being served: {}".format(
+                        self._message))
+                if request.session != self._session:
+                    raise Refusal("NotServing", "the model owner restarted serving; query "
+                                                "again")
+            if request.query_id in self._queries:
+                raise Refusal("BadInput", "query id already in use")
+            if len(self._queries) >= MAX_WAITING:
+                raise Refusal("Busy", "worker {} holds {} queries already; try again "
+                              "later".format(self.config.name, MAX_WAITING))
+            self._queries[request.query_id] = Query(request.query_id, request.fetch_digest,
+                                                    request.session)
+        try:
+            model.store.put_input(request.query_id, pair)
+        except Exception:
+            with self._cv:
+                self._queries.pop(request.query_id, None)
+            raise
+        if self.index == 0:
+            self._arrived(request.query_id, 0)
+        else:
+            note = self._peer(0).Arrived.future(
+                M.QueryNote(query_id=request.query_id, index=self.index), timeout=PEER_TIMEOUT)
+            note.add_done_callback(self._report_note_failure)
+        return M.Empty()
+
+    def _report_note_failure(self, future):
+        if future.exception() is not None:
+            warn("%s: could not tell %s about a query: %s", self.config.name,
+                 self.config.names[0], wire.translate(future.exception(), self.config.names[0]))
+
+    def Fetch(self, request, context, peer):
+        with self._cv:
+            query = self._queries.get(request.query_id)
+        if query is None:
+            raise Refusal("BadInput", "worker {} holds no query with this id (never "
+                          "submitted here, already fetched, or expired)".format(
+                              self.config.name))
+        if not wire.secret_matches(request.fetch_secret, query.digest):
+            raise Refusal("Denied", "wrong fetch secret for this query")
+        query.ready.wait(min(max(request.wait_seconds, 0.0), MAX_FETCH_WAIT))
+        with self._cv:
+            if query.error is not None:
+                self._queries.pop(query.id, None)
+                raise Refusal(*query.error)
+            if query.output is None:
+                return M.FetchReply(ready=False)
+            if self._queries.pop(query.id, None) is None:
+                raise Refusal("BadInput", "this answer was already fetched")
+        context.add_callback(lambda: self._collected(query.id, self.index))
+        return M.FetchReply(ready=True, shares=[wire.tensor(s) for s in query.output])
+
+    # -- between workers -------------------------------------------------------------------
+    def Arrived(self, request, context, peer):
+        self._only_worker0("Arrived")
+        self._check_peer_index(peer, request.index, "Arrived")
+        if not QUERY_ID.match(request.query_id):
+            raise Refusal("BadInput", "malformed query id")
+        self._arrived(request.query_id, request.index)
+        return M.Empty()
+
+    def _arrived(self, query_id, index):
+        with self._cv:
+            held, since = self._arrivals.get(query_id, (set(), time.monotonic()))
+            held.add(index)
+            if held == {0, 1, 2}:
+                self._arrivals.pop(query_id, None)
+                query = self._queries.get(query_id)
+                if query is not None and query.error is None:
+                    self._ready.append(query_id)
+                    self._cv.notify_all()
+            elif len(self._arrivals) < 2 * MAX_WAITING:
+                self._arrivals[query_id] = (held, since)
+
+    def Done(self, request, context, peer):
+        if self.index == 0:
+            raise Refusal("Failed", "Done goes to workers 1 and 2")
+        self._check_peer_index(peer, 0, "Done")
+        self._deliver_outputs(list(request.query_ids))
+        return M.Empty()
+
+    def Collected(self, request, context, peer):
+        self._only_worker0("Collected")
+        self._check_peer_index(peer, request.index, "Collected")
+        self._collected(request.query_id, request.index)
+        return M.Empty()
+
+    def _collected(self, query_id, index):
+        """Worker ``index`` delivered its answer share of ``query_id`` (worker 0 counts)."""
+        if self.index != 0:
+            note = self._peer(0).Collected.future(
+                M.QueryNote(query_id=query_id, index=self.index), timeout=PEER_TIMEOUT)
+            note.add_done_callback(self._report_note_failure)
+            return
+        with self._cv:
+            left = self._uncollected.get(query_id)
+            if left is not None:
+                left.discard(index)
+                if not left:
+                    del self._uncollected[query_id]
+                self._cv.notify_all()
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def _janitor(self):
+        """Drop queries nobody evaluated or fetched within QUERY_TTL seconds."""
+        while not self._closing.wait(5.0):
+            now = time.monotonic()
+            with self._cv:
+                old = [q.id for q in self._queries.values() if now - q.born > QUERY_TTL]
+                for qid in old:
+                    del self._queries[qid]
+                for qid in [q for q, (_, t) in self._arrivals.items() if now - t > QUERY_TTL]:
+                    del self._arrivals[qid]
+                model = self._model
+            if old and model is not None:
+                try:
+                    model.store.drop(old)
+                except Exception as exc:  # noqa: BLE001 - housekeeping must go on
+                    warn("%s: could not drop expired queries: %s", self.config.name, exc)
+
+
+def _size(shape):
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _first_line(exc):
+    text = getattr(exc, "message", None) or str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _parse_spec(text):
+    """The public model spec of an upload, checked enough to size the worker's resources."""
     try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:  # pragma: no cover - not Linux
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        spec = json.loads(text)
+        ok = (isinstance(spec, dict) and MODEL_ID.match(str(spec.get("model_id", "")))
+              and spec.get("protocol") == "aby3"
+              and all(isinstance(d, int) and d > 0 for d in spec["input_shape"])
+              and all(isinstance(d, int) and d > 0 for d in spec["output_shape"])
+              and spec["input_shape"][0] == spec["output_shape"][0]
+              and isinstance(spec["layers"], list)
+              and all(isinstance(layer.get("kind"), str) and all(
+                  all(isinstance(d, int) and d > 0 for d in s) for s in layer["weight_shapes"])
+                  for layer in spec["layers"])
+              and 1 <= int(spec.get("max_group", 1)) <= 16)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise Refusal("BadInput", "the uploaded model spec is malformed")
+    spec.setdefault("name", "model")
+    return spec

@@ -10,7 +10,9 @@ Build once per TensorFlow version::
     python -m privatekeras.kernels build
 """
 
-from .build import build, default_library_path, find_library, loopback_library_path
+from .build import (build, default_library_path, find_library, loopback_library_path,
+                    test_library_path)
 from .loader import KernelsMissingError, load, ops
 
-__all__ = ["build", "default_library_path", "find_library", "loopback_library_path", "load", "ops", "KernelsMissingError"]
+__all__ = ["build", "default_library_path", "find_library", "loopback_library_path",
+           "test_library_path", "load", "ops", "KernelsMissingError"]

@@ -1,4 +1,13 @@
-"""Compile ``pk_ops.cc`` against the installed TensorFlow and libsodium."""
+"""Compile the kernels against the installed TensorFlow and libsodium.
+
+One library directory (see :func:`library_dir`) holds three libraries:
+
+- ``pk_ops.so`` (from ``pk_ops.cc``): the production kernels, loaded in every worker;
+- ``pk_loopback.so`` (from ``pk_loopback.c``): the bind() interposer preloaded into processes
+  that must listen on loopback only;
+- ``pk_test_ops.so`` (from ``pk_test_ops.cc``): test-only ops (the raw ChaCha20 keystream),
+  loaded by the tests alone, never by production code.
+"""
 
 import hashlib
 import os
@@ -10,12 +19,13 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "pk_ops.cc")
 LOOPBACK_SOURCE = os.path.join(HERE, "pk_loopback.c")
+TEST_SOURCE = os.path.join(HERE, "pk_test_ops.cc")
 ENV_VAR = "PRIVATEKERAS_KERNELS"
 
 
 def _source_digest():
     digest = hashlib.sha256()
-    for path in (SOURCE, LOOPBACK_SOURCE):
+    for path in (SOURCE, LOOPBACK_SOURCE, TEST_SOURCE):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:12]
@@ -50,7 +60,7 @@ def default_library_path():
 
 
 def library_dir():
-    """The directory holding ``pk_ops.so`` and ``pk_loopback.so``."""
+    """The directory holding ``pk_ops.so``, ``pk_loopback.so`` and ``pk_test_ops.so``."""
     if os.environ.get(ENV_VAR):
         return os.environ[ENV_VAR]
     name = "tf{}-{}".format(_tf_version(), _source_digest())
@@ -62,6 +72,13 @@ def loopback_library_path():
     return os.path.join(library_dir(), "pk_loopback.so")
 
 
+def test_library_path():
+    """The test-only op library (``PkChacha20Keystream``, the raw ChaCha20 keystream under a
+    caller-chosen key), for the tests' ``tf.load_op_library``. Production code never loads
+    it."""
+    return os.path.join(library_dir(), "pk_test_ops.so")
+
+
 def find_library():
     """The path of the compiled kernels, or None when they have not been built."""
     path = default_library_path()
@@ -69,13 +86,18 @@ def find_library():
 
 
 def build(output=None, verbose=True):
-    """Compile the kernels (and the loopback interposer) and return the kernel library path.
+    """Compile the kernels, the loopback interposer and the test-only ops; return the kernel
+    library path.
 
-    Needs a C++ compiler and libsodium's headers (Debian: ``g++ libsodium-dev``).
+    ``pk_loopback.so`` and ``pk_test_ops.so`` are written next to ``output``. Every library is
+    compiled to a temporary file first; ``pk_ops.so`` is put in place last, so once
+    :func:`find_library` sees it the other two are there as well. Needs a C++ compiler and
+    libsodium's headers (Debian: ``g++ libsodium-dev``).
     """
     import tensorflow as tf
 
     output = output or default_library_path()
+    directory = os.path.dirname(output)
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found: install g++ (Debian: apt-get install g++)")
@@ -83,31 +105,38 @@ def build(output=None, verbose=True):
         raise RuntimeError(
             "libsodium headers not found: install them (Debian: apt-get install libsodium-dev)"
         )
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(output))
-    os.close(fd)
-    cmd = (
-        [compiler, "-std=c++17", "-shared", "-fPIC", "-O2", SOURCE, "-o", tmp]
-        + tf.sysconfig.get_compile_flags()
-        + tf.sysconfig.get_link_flags()
-        + ["-lsodium"]
-    )
+    os.makedirs(directory, exist_ok=True)
+    tf_flags = tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags()
+    jobs = [  # (what, source, final path, arguments before the source, arguments at the end)
+        ("the loopback interposer", LOOPBACK_SOURCE, os.path.join(directory, "pk_loopback.so"),
+         [compiler, "-x", "c", "-shared", "-fPIC", "-O2", "-pthread"], ["-ldl"]),
+        ("the test-only ops", TEST_SOURCE, os.path.join(directory, "pk_test_ops.so"),
+         [compiler, "-std=c++17", "-shared", "-fPIC", "-O2"], tf_flags + ["-lsodium"]),
+        ("the secure kernels", SOURCE, output,
+         [compiler, "-std=c++17", "-shared", "-fPIC", "-O2"], tf_flags + ["-lsodium"]),
+    ]
     if verbose:
         print("privatekeras: compiling secure kernels for TensorFlow {} ...".format(tf.__version__),
               flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError("compiling the secure kernels failed:\n" + proc.stderr[-4000:])
-    loopback = os.path.join(os.path.dirname(output), "pk_loopback.so")
-    proc = subprocess.run(
-        [compiler, "-x", "c", "-shared", "-fPIC", "-O2", LOOPBACK_SOURCE, "-o", loopback, "-ldl"],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError("compiling the loopback interposer failed:\n" + proc.stderr[-4000:])
-    os.replace(tmp, output)
+    built = []
+    try:
+        for what, source, final, head, tail in jobs:
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+            os.close(fd)
+            built.append((tmp, final))
+            proc = subprocess.run(head + [source, "-o", tmp] + tail, capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                raise RuntimeError("compiling {} failed:\n{}".format(what, proc.stderr[-4000:]))
+            # mkstemp made the file 0600; a library other users' processes load (or preload)
+            # must be readable by them.
+            os.chmod(tmp, 0o755)
+        for tmp, final in built:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in built:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     if verbose:
         print("privatekeras: secure kernels written to {}".format(output), flush=True)
     return output

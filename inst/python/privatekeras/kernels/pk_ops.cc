@@ -1,9 +1,37 @@
 // privatekeras secure kernels for TensorFlow.
 //
-// Randomness: seeds come from the OS entropy pool (libsodium's randombytes_buf,
-// which uses getrandom(2)); every random tensor is the ChaCha20 (RFC 8439, IETF
-// variant, all-zero nonce, block counter from 0) keystream under a 256-bit seed,
-// mapped to [minval, maxval) by rejection sampling so that it is exactly uniform.
+// Randomness. PkSecureSeed returns 256 fresh bits from the OS entropy pool (libsodium's
+// randombytes_buf, which uses getrandom(2)). Every random tensor is the ChaCha20 keystream
+// (RFC 8439, IETF variant: 96-bit all-zero nonce, 32-bit block counter from 0) under a
+// 256-bit key, read as little-endian words (32-bit words for int8/int16/int32 outputs,
+// 64-bit words for int64) and mapped to [minval, maxval) by rejection sampling so that it is
+// exactly uniform (see FillUniform).
+//
+//  - PkSeededRandomUniform never uses its seed as the ChaCha20 key. TF Encrypted's ABY3
+//    passes seed = pairwise key + nonce and calls the op for several dtypes and ranges, so
+//    the seed is turned into a per-use key by a KDF, keyed BLAKE2b (libsodium's
+//    crypto_generichash) with a 32-byte output:
+//
+//      key = BLAKE2b-256(key = seed, message = use)
+//      seed = the 8 int32 seed values, each as 4 bytes little-endian (32 bytes)
+//      use  = "privatekeras/chacha20-prf/v1" (28 ASCII bytes) || 0x00
+//             || one byte n || the n ASCII bytes of the output dtype's name
+//                ("int8", "int16", "int32" or "int64")
+//             || minval as 8 bytes little-endian two's complement (sign-extended to 64 bits)
+//             || maxval as 8 bytes, encoded the same way
+//
+//    Two parties holding the same seed and asking for the same dtype and range get the
+//    same stream (ABY3's correctness rests on that); a different dtype or range gives an
+//    unrelated key. The shape does not enter the key: for one seed, dtype and range a
+//    larger shape extends the stream of a smaller one.
+//  - PkRandomUniform draws its 256-bit ChaCha20 key directly from randombytes_buf; that key
+//    is used once and never leaves the kernel, so there is nothing to derive it from.
+//
+// The seed bytes copied for the KDF and the derived or drawn key are wiped with
+// sodium_memzero as soon as the keystream reader holds the key; the reader wipes its key
+// and its keystream buffer when it is destroyed.
+// (The raw keystream op that checks ChaCha20 against RFC 8439 lives in the separate test
+// library pk_test_ops.cc, which production code never loads.)
 //
 // Bit ops: the local, share-wise bit manipulations ABY3 needs for its boolean
 // circuits (bit gathering, bit reversal, xor of set-bit indices).
@@ -35,7 +63,15 @@ using tensorflow::shape_inference::ShapeHandle;
 
 namespace {
 
-constexpr int kSeedWords = 8;  // 8 x int32 = 256-bit ChaCha20 key
+constexpr int kSeedWords = 8;  // 8 x int32 = 256 bits
+constexpr size_t kSeedBytes = kSeedWords * 4;
+static_assert(kSeedBytes == crypto_stream_chacha20_ietf_KEYBYTES, "a seed is one ChaCha20 key");
+static_assert(crypto_generichash_BYTES_MIN <= crypto_stream_chacha20_ietf_KEYBYTES &&
+                  crypto_stream_chacha20_ietf_KEYBYTES <= crypto_generichash_BYTES_MAX,
+              "BLAKE2b can output one ChaCha20 key");
+static_assert(kSeedBytes >= crypto_generichash_KEYBYTES_MIN &&
+                  kSeedBytes <= crypto_generichash_KEYBYTES_MAX,
+              "a seed is a valid BLAKE2b key");
 constexpr size_t kChunkBytes = 1 << 16;
 
 bool EnsureSodium() {
@@ -43,8 +79,8 @@ bool EnsureSodium() {
   return ok;
 }
 
-// Sequential reader over a ChaCha20 keystream: key = seed, nonce = 0,
-// block counter starting at 0, produced in chunks.
+// Sequential reader over the ChaCha20 keystream under `key`: nonce = 0, block counter
+// starting at 0, produced in chunks of kChunkBytes. Wipes its key and buffer when destroyed.
 class KeystreamReader {
  public:
   explicit KeystreamReader(const unsigned char key[crypto_stream_chacha20_ietf_KEYBYTES])
@@ -52,7 +88,12 @@ class KeystreamReader {
     std::memcpy(key_, key, sizeof(key_));
     std::memset(nonce_, 0, sizeof(nonce_));
   }
-  ~KeystreamReader() { sodium_memzero(key_, sizeof(key_)); }
+  ~KeystreamReader() {
+    sodium_memzero(key_, sizeof(key_));
+    sodium_memzero(buffer_.data(), buffer_.size());
+  }
+  KeystreamReader(const KeystreamReader&) = delete;
+  KeystreamReader& operator=(const KeystreamReader&) = delete;
 
   template <typename W>
   W Next() {
@@ -78,6 +119,68 @@ class KeystreamReader {
   std::vector<unsigned char> buffer_;
   size_t pos_;
 };
+
+// ----------------------------------------------------------------------------
+// The KDF of PkSeededRandomUniform (see the header comment for the exact encoding).
+
+constexpr char kKdfDomain[] = "privatekeras/chacha20-prf/v1";
+
+template <typename T>
+struct DtypeName;
+template <>
+struct DtypeName<int8_t> {
+  static constexpr const char* kValue = "int8";
+};
+template <>
+struct DtypeName<int16_t> {
+  static constexpr const char* kValue = "int16";
+};
+template <>
+struct DtypeName<int32_t> {
+  static constexpr const char* kValue = "int32";
+};
+template <>
+struct DtypeName<int64_t> {
+  static constexpr const char* kValue = "int64";
+};
+
+void PutLe64(unsigned char* p, int64_t v) {
+  const uint64_t u = static_cast<uint64_t>(v);
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<unsigned char>(u >> (8 * i));
+}
+
+// key = BLAKE2b-256 keyed with the seed (8 int32 little-endian) over
+// domain || 0x00 || len(dtype name) || dtype name || le64(minval) || le64(maxval).
+// Returns false if libsodium fails; `key` is then wiped.
+template <typename T>
+bool DeriveKey(const int32_t seed[kSeedWords], T minval, T maxval,
+               unsigned char key[crypto_stream_chacha20_ietf_KEYBYTES]) {
+  unsigned char seed_bytes[kSeedBytes];
+  for (int w = 0; w < kSeedWords; ++w) {
+    const uint32_t u = static_cast<uint32_t>(seed[w]);
+    for (int i = 0; i < 4; ++i) seed_bytes[4 * w + i] = static_cast<unsigned char>(u >> (8 * i));
+  }
+  const size_t domain_len = sizeof(kKdfDomain) - 1;
+  const size_t name_len = std::strlen(DtypeName<T>::kValue);
+  // domain, 0x00, name length, name (at most 5 bytes: "int64"), minval, maxval
+  unsigned char use[(sizeof(kKdfDomain) - 1) + 1 + 1 + 5 + 8 + 8];
+  size_t n = 0;
+  std::memcpy(use + n, kKdfDomain, domain_len);
+  n += domain_len;
+  use[n++] = 0x00;
+  use[n++] = static_cast<unsigned char>(name_len);
+  std::memcpy(use + n, DtypeName<T>::kValue, name_len);
+  n += name_len;
+  PutLe64(use + n, static_cast<int64_t>(minval));
+  n += 8;
+  PutLe64(use + n, static_cast<int64_t>(maxval));
+  n += 8;
+  const int rc = crypto_generichash(key, crypto_stream_chacha20_ietf_KEYBYTES, use, n,
+                                    seed_bytes, sizeof(seed_bytes));
+  sodium_memzero(seed_bytes, sizeof(seed_bytes));
+  if (rc != 0) sodium_memzero(key, crypto_stream_chacha20_ietf_KEYBYTES);
+  return rc == 0;
+}
 
 // Fills out[0..n) with values uniform in [minval, maxval) drawn from the stream.
 template <typename T>
@@ -139,7 +242,8 @@ class PkSecureSeedOp : public OpKernel {
 };
 
 // ----------------------------------------------------------------------------
-// PkSeededRandomUniform: deterministic in the seed; PkRandomUniform: fresh seed.
+// PkSeededRandomUniform: deterministic in (seed, dtype, minval, maxval), through the KDF;
+// PkRandomUniform: a fresh random key per call.
 
 template <typename T, bool kSeeded>
 class PkRandomUniformOp : public OpKernel {
@@ -156,15 +260,12 @@ class PkRandomUniformOp : public OpKernel {
     TensorShape shape;
     OP_REQUIRES_OK(ctx, ReadShape(ctx, shape_t, &shape));
 
-    unsigned char key[crypto_stream_chacha20_ietf_KEYBYTES];
+    const Tensor* seed_t = nullptr;
     if (kSeeded) {
-      const Tensor& seed_t = ctx->input(arg++);
-      OP_REQUIRES(ctx, seed_t.NumElements() == kSeedWords,
+      seed_t = &ctx->input(arg++);
+      OP_REQUIRES(ctx, seed_t->NumElements() == kSeedWords,
                   tensorflow::errors::InvalidArgument("seed must hold 8 int32 values, got ",
-                                                      seed_t.NumElements()));
-      std::memcpy(key, seed_t.flat<int32_t>().data(), sizeof(key));
-    } else {
-      randombytes_buf(key, sizeof(key));
+                                                      seed_t->NumElements()));
     }
     const Tensor& minval_t = ctx->input(arg++);
     const Tensor& maxval_t = ctx->input(arg++);
@@ -173,39 +274,19 @@ class PkRandomUniformOp : public OpKernel {
 
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &out));
+
+    // Every check that can fail has passed: the key exists only from here on, and is
+    // wiped as soon as the reader holds its own copy.
+    unsigned char key[crypto_stream_chacha20_ietf_KEYBYTES];
+    if (kSeeded) {
+      OP_REQUIRES(ctx, DeriveKey<T>(seed_t->flat<int32_t>().data(), minval, maxval, key),
+                  tensorflow::errors::Internal("deriving the ChaCha20 key failed"));
+    } else {
+      randombytes_buf(key, sizeof(key));  // a fresh key, used for this call only
+    }
     KeystreamReader stream(key);
     sodium_memzero(key, sizeof(key));
     FillUniform<T>(&stream, minval, maxval, out->flat<T>().data(), out->NumElements());
-  }
-};
-
-// ----------------------------------------------------------------------------
-// PkChaCha20Keystream: raw keystream bytes, to check against RFC 8439 vectors.
-
-class PkChaCha20KeystreamOp : public OpKernel {
- public:
-  explicit PkChaCha20KeystreamOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES(ctx, EnsureSodium(), tensorflow::errors::Internal("sodium_init failed"));
-  }
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& key_t = ctx->input(0);
-    const Tensor& nonce_t = ctx->input(1);
-    const Tensor& counter_t = ctx->input(2);
-    const Tensor& nblocks_t = ctx->input(3);
-    OP_REQUIRES(ctx, key_t.NumElements() == 32,
-                tensorflow::errors::InvalidArgument("key must hold 32 bytes"));
-    OP_REQUIRES(ctx, nonce_t.NumElements() == 12,
-                tensorflow::errors::InvalidArgument("nonce must hold 12 bytes"));
-    const int64_t nblocks = nblocks_t.scalar<int64_t>()();
-    OP_REQUIRES(ctx, nblocks >= 0 && nblocks <= (1 << 20),
-                tensorflow::errors::InvalidArgument("num_blocks out of range"));
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({nblocks * 64}), &out));
-    unsigned char* buf = out->flat<uint8_t>().data();
-    std::memset(buf, 0, nblocks * 64);
-    crypto_stream_chacha20_ietf_xor_ic(buf, buf, nblocks * 64, nonce_t.flat<uint8_t>().data(),
-                                       static_cast<uint32_t>(counter_t.scalar<int64_t>()()),
-                                       key_t.flat<uint8_t>().data());
   }
 };
 
@@ -361,17 +442,6 @@ REGISTER_OP("PkRandomUniform")
     .SetIsStateful()
     .SetShapeFn(RandomShapeFn);
 
-REGISTER_OP("PkChacha20Keystream")
-    .Input("key: uint8")
-    .Input("nonce: uint8")
-    .Input("counter: int64")
-    .Input("num_blocks: int64")
-    .Output("keystream: uint8")
-    .SetShapeFn([](InferenceContext* c) {
-      c->set_output(0, c->Vector(InferenceContext::kUnknownDim));
-      return Status();
-    });
-
 REGISTER_OP("PkBitGather")
     .Input("x: T")
     .Output("y: T")
@@ -416,8 +486,6 @@ REGISTER_OP("PkXorIndices")
     });
 
 REGISTER_KERNEL_BUILDER(Name("PkSecureSeed").Device(DEVICE_CPU), PkSecureSeedOp);
-REGISTER_KERNEL_BUILDER(Name("PkChacha20Keystream").Device(DEVICE_CPU).HostMemory("counter"),
-                        PkChaCha20KeystreamOp);
 
 #define PK_REGISTER_RANDOM(T)                                                          \
   REGISTER_KERNEL_BUILDER(                                                             \

@@ -1,0 +1,1 @@
+"""Deployment: hosts files, certificates, links between workers, and the worker process."""
