@@ -91,6 +91,7 @@ class SharedModel:
         self.model_id = public["model_id"]
         self.served = 0
         self.serving = False
+        self.step_seconds = []  # run time of each private step of the last serve() call
         self._call = None  # the Serve call in progress
         self._lock = threading.Lock()
 
@@ -134,6 +135,7 @@ class SharedModel:
                                       unlimited=num_requests is None,
                                       idle_timeout=float(idle_timeout or 0.0))
         answered = 0
+        self.step_seconds = []
         say("serving {} ({} requests)".format(
             self.spec.name, "unlimited" if num_requests is None else num_requests))
         with self._lock:
@@ -141,6 +143,8 @@ class SharedModel:
             self.serving = True
         try:
             for event in self._call:
+                if event.step_seconds:
+                    self.step_seconds.append(event.step_seconds)
                 if event.answered > answered:
                     self.served += event.answered - answered
                     answered = event.answered

@@ -61,7 +61,7 @@ MESSAGES = {
     "ServeRequest": [("num_requests", "int64", False), ("unlimited", "bool", False),
                      ("idle_timeout", "double", False)],
     "ServeEvent": [("answered", "int64", False), ("message", "string", False),
-                   ("session", "string", False)],
+                   ("session", "string", False), ("step_seconds", "double", False)],
     "SubmitRequest": [("query_id", "string", False), ("model_id", "string", False),
                       ("session", "string", False), ("shares", "Tensor", True),
                       ("fetch_digest", "bytes", False)],

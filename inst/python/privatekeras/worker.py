@@ -354,9 +354,9 @@ class WorkerServer:
                     max_group, limit - answered), idle)
                 if not ids:
                     break
-                self._evaluate(ids, session)
+                seconds = self._evaluate(ids, session)
                 answered += len(ids)
-                yield M.ServeEvent(answered=answered, session=session)
+                yield M.ServeEvent(answered=answered, session=session, step_seconds=seconds)
             self._await_pickup(stop)
         except Refusal as refusal:
             self._end_serving(session, refusal.kind, refusal.message, failed=True)
@@ -417,32 +417,36 @@ class WorkerServer:
                     wire.translate(exc, self.config.names[i]))) from None
 
     def _evaluate(self, ids, session):
-        """Run the private step on these queries and hand each worker its answers."""
+        """Run the private step on these queries and hand each worker its answers; returns
+        the step's own run time in seconds (public: clients see their latency anyway)."""
         import tensorflow as tf
 
         from .mpc.store import PAD_ID
 
         group = 1 if len(ids) == 1 else max(self._steps)
         keys = ids + [PAD_ID] * (group - len(ids))
+        t0 = time.perf_counter()
         try:
             self._steps[group](tf.constant(keys))
+            seconds = time.perf_counter() - t0
         except tf.errors.OpError as exc:
             self._check_peers()
             raise Refusal("WorkerLost", "serving failed, a worker stopped answering: {}".format(
                 _first_line(exc))) from None
-        notes = [self._peer(i).Done.future(M.DoneNote(query_ids=ids), timeout=PEER_TIMEOUT)
-                 for i in (1, 2)]
-        self._deliver_outputs(ids)
-        with self._cv:
+        with self._cv:  # before any worker can deliver (and report) an answer share
             for qid in ids:
                 self._uncollected[qid] = {0, 1, 2}
             self._answered += len(ids)
+        notes = [self._peer(i).Done.future(M.DoneNote(query_ids=ids), timeout=PEER_TIMEOUT)
+                 for i in (1, 2)]
+        self._deliver_outputs(ids)
         for i, note in zip((1, 2), notes):
             try:
                 note.result()
             except grpc.RpcError as exc:
                 raise Refusal("WorkerLost", "serving failed: {}".format(
                     wire.translate(exc, self.config.names[i]))) from None
+        return seconds
 
     def _deliver_outputs(self, ids):
         """Take this worker's answer shares of evaluated queries out of its output table and

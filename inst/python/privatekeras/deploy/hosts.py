@@ -144,7 +144,8 @@ class HostsConfig:
         files (checked: key mode 0600, signed by ``cluster.ca``); the certificate must name
         that party and its role."""
         party = self.party(name)
-        creds = pki.Credentials.from_files(self.ca, party.cert, party.key)
+        creds = pki.Credentials.from_files(self.ca, party.cert, party.key, name=party.name,
+                                           role=party.role)
         if (creds.name, creds.role) != (party.name, party.role):
             raise pki.CredentialsError(
                 "{}: certificate {} is for {!r} ({}), but the hosts file lists it for {!r} ({}): "

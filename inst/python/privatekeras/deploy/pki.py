@@ -27,12 +27,6 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from ..errors import ClusterError
 
 ROLES = ("worker", "owner", "client")
@@ -41,6 +35,19 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 _SKEW = datetime.timedelta(minutes=5)  # certificates start a little in the past
 _MAKE_HINT = ("make the cluster's certificates with `privatekeras pki --config HOSTS`, or copy "
               "them from the host that keeps the CA")
+
+
+def _crypto():
+    """The ``cryptography`` names this module uses, imported on first use: making and
+    checking certificates needs it, but a client that only loads its credentials does not
+    (its TLS library checks them at the handshake)."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    return x509, InvalidSignature, hashes, serialization, ec, ExtendedKeyUsageOID, NameOID
 
 
 class CredentialsError(ClusterError):
@@ -74,11 +81,13 @@ def _serial():
 
 
 def _key_pem(key):
+    serialization = _crypto()[3]
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def _cert_pem(cert):
+    serialization = _crypto()[3]
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -94,6 +103,7 @@ def make_ca(subject="privatekeras cluster CA", days=825):
     """
     if not isinstance(days, int) or days < 1:
         raise ValueError("days must be a positive integer, got {!r}".format(days))
+    x509, _, hashes, _, ec, _, NameOID = _crypto()
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = _now()
@@ -123,6 +133,7 @@ def issue(ca_cert_pem, ca_key_pem, name, role, days=825):
     extendedKeyUsage serverAuth + clientAuth; keyUsage digitalSignature and basicConstraints
     CA:FALSE (both critical); a random serial; valid ``days`` (never beyond the CA).
     """
+    x509, _, hashes, serialization, ec, ExtendedKeyUsageOID, NameOID = _crypto()
     check_name(name)
     check_role(role)
     if not isinstance(days, int) or days < 1:
@@ -176,6 +187,7 @@ def identity(cert_pem):
 
 @functools.lru_cache(maxsize=64)
 def _identity(pem):
+    x509, _, _, _, _, _, NameOID = _crypto()
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError as exc:
@@ -250,13 +262,17 @@ class Credentials:
     key: bytes = field(repr=False)
 
     @classmethod
-    def from_files(cls, ca_path, cert_path, key_path):
+    def from_files(cls, ca_path, cert_path, key_path, name=None, role=None):
         """Read and check a party's CA certificate, certificate and key.
 
         Refuses (CredentialsError, naming the file and the fix) a missing or unparsable file,
         a key readable by group or others, a key that is not the certificate's, a certificate
         not signed by that CA or outside its validity period. Name and role come from the
         certificate.
+
+        Without the ``cryptography`` package (a client's small environment), only the files'
+        presence and the key's mode are checked here, the TLS handshake checks the rest, and
+        ``name`` and ``role`` must be given by the caller.
         """
         ca_path, cert_path, key_path = (os.fspath(p) for p in (ca_path, cert_path, key_path))
         ca_pem = _read(ca_path, "CA certificate")
@@ -266,6 +282,13 @@ class Credentials:
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise CredentialsError("private key {} is accessible by other users (mode {:o}): "
                                    "chmod 600 {}".format(key_path, mode & 0o777, key_path))
+        try:
+            x509, InvalidSignature, _, serialization, _, _, _ = _crypto()
+        except ImportError:
+            if name is None or role is None:
+                raise CredentialsError("reading the name and role of certificate {} needs the "
+                                       "'cryptography' package".format(cert_path)) from None
+            return cls(check_name(name), check_role(role), ca_pem, cert_pem, key_pem)
         try:
             ca = x509.load_pem_x509_certificate(ca_pem)
         except ValueError:
@@ -407,7 +430,8 @@ def load_local(hosts, name):
             "(Cluster.from_config)".format(", ".join(_check_hosts(hosts)), directory))
     _check_private_dir(os.path.dirname(directory), follow=True)
     _check_private_dir(directory, follow=False)
-    return Credentials.from_files(*files)
+    return Credentials.from_files(*files, name=name,
+                                  role="worker" if name.startswith("worker") else name)
 
 
 def remove_local(hosts):
