@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from . import wire
-from .errors import InputError, NotServingError, WorkerUnavailableError
+from .deploy.pki import CredentialsError
+from .errors import AccessDeniedError, InputError, NotServingError, WorkerUnavailableError
 from .mpc.encoding import FIXED64, reconstruct_values, share_values
 
 FETCH_WAIT = 5.0  # seconds one Fetch call waits on the worker before asking again
@@ -91,19 +92,31 @@ class Client:
 
     # -- the workers and the served model ---------------------------------------------------
     def _open(self):
-        """Reach the three workers (retrying until ``timeout``); returns self."""
-        self._stubs = self.cluster.stubs("client")
+        """Reach the three workers, retrying until ``timeout`` (on one machine the cluster
+        may not even be started yet: its credentials appear when it is); returns self."""
+        from .deploy.pki import CredentialsError
+
         deadline = time.monotonic() + self.timeout
         while True:
             try:
+                self._stubs = self.cluster.stubs("client")
                 self.cluster.status("client", timeout=max(1.0, min(5.0, self.timeout)))
                 return self
-            except WorkerUnavailableError as exc:
+            except (WorkerUnavailableError, CredentialsError) as exc:
+                self._forget()
+                if isinstance(exc, CredentialsError) and self.cluster.config is not None:
+                    raise  # a hosts file's credentials do not appear by waiting
                 if time.monotonic() > deadline:
-                    raise WorkerUnavailableError(
-                        "{} (waited {:.0f} s): is the cluster started? The model owner starts "
-                        "it with Cluster.start() / pk_start()".format(exc, self.timeout)) from None
+                    raise type(exc)("{} (waited {:.0f} s): is the cluster started? The model "
+                                    "owner starts it with Cluster.start() / pk_start()".format(
+                                        exc, self.timeout)) from None
                 time.sleep(0.2)
+
+    def _forget(self):
+        """Drop the channels (and the credentials they hold): the next call reloads them, as
+        after the owner restarted a cluster with a new throw-away CA."""
+        self._spec = self._stubs = None
+        self.cluster.forget("client")
 
     def _served_spec(self):
         """The served model's public spec, waiting up to ``timeout`` for serving to begin."""
@@ -189,44 +202,62 @@ class Client:
         shares = share_values(xb)
         query_id = os.urandom(16).hex()
         secrets = [os.urandom(32) for _ in range(3)]
+        submits = [stub.Submit.future(wire.M.SubmitRequest(
+            query_id=query_id, model_id=spec["model_id"], session=spec["session"],
+            shares=[wire.tensor(s) for s in shares[i]], fetch_digest=wire.digest(secrets[i])),
+            timeout=self.timeout) for i, stub in enumerate(self._stubs)]
+        # Each Fetch goes right behind its Submit (the worker waits for the Submit if the
+        # Fetch overtakes it), so the answer costs no extra round trip.
+        fetches = self._fetch_calls(query_id, secrets, range(3), time.monotonic() + self.timeout)
         try:
-            _gather([stub.Submit.future(wire.M.SubmitRequest(
-                query_id=query_id, model_id=spec["model_id"], session=spec["session"],
-                shares=[wire.tensor(s) for s in shares[i]], fetch_digest=wire.digest(secrets[i])),
-                timeout=self.timeout) for i, stub in enumerate(self._stubs)], names)
-            answers = self._fetch(query_id, secrets)
+            try:
+                _gather(submits, names)
+            except BaseException:
+                for call in fetches:
+                    call.cancel()
+                raise
+            answers = self._fetch(query_id, secrets, fetches)
         except NotServingError:
             self._spec = None  # look the served model up again next time
+            raise
+        except (WorkerUnavailableError, AccessDeniedError):
+            self._forget()  # reconnect next time (the cluster may have been restarted)
             raise
         out_shape = tuple(spec["output_shape"])
         per_worker = [tuple(wire.array(t, out_shape) for t in reply.shares) for reply in answers]
         return reconstruct_values(per_worker)
 
-    def _fetch(self, query_id, secrets):
+    def _fetch_calls(self, query_id, secrets, workers, deadline):
+        wait = max(0.0, min(FETCH_WAIT, deadline - time.monotonic()))
+        return [self._stubs[i].Fetch.future(wire.M.FetchRequest(
+            query_id=query_id, fetch_secret=secrets[i], wait_seconds=wait), timeout=wait + 10.0)
+            for i in workers]
+
+    def _fetch(self, query_id, secrets, calls):
         """Each worker's answer shares, asking again while a worker says "not yet"."""
         replies = [None] * 3
         deadline = time.monotonic() + self.timeout
+        pending = [0, 1, 2]
         while True:
-            pending = [i for i in range(3) if replies[i] is None]
-            if not pending:
-                return replies
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WorkerUnavailableError(
-                    "no answer within {:.0f} s: the workers are overloaded, stuck or "
-                    "gone".format(self.timeout))
-            wait = min(FETCH_WAIT, left)
-            got = _gather([self._stubs[i].Fetch.future(wire.M.FetchRequest(
-                query_id=query_id, fetch_secret=secrets[i], wait_seconds=wait),
-                timeout=wait + 10.0) for i in pending], [self.cluster.worker_names[i]
-                                                         for i in pending])
+            asked = time.monotonic()
+            got = _gather(calls, [self.cluster.worker_names[i] for i in pending])
             for i, reply in zip(pending, got):
                 if reply.ready:
                     replies[i] = reply
+            pending = [i for i in range(3) if replies[i] is None]
+            if not pending:
+                return replies
+            if time.monotonic() > deadline:
+                raise WorkerUnavailableError(
+                    "no answer within {:.0f} s: the workers are overloaded, stuck or "
+                    "gone".format(self.timeout))
+            if time.monotonic() - asked < 0.05:
+                time.sleep(0.05)  # a busy worker answered "not yet" at once: do not spin
+            calls = self._fetch_calls(query_id, secrets, pending, deadline)
 
     def close(self):
         """Forget the served model and the connection (``query()`` reconnects)."""
-        self._spec = self._stubs = None
+        self._forget()
 
     def __enter__(self):
         return self

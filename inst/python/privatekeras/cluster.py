@@ -186,6 +186,11 @@ class Cluster:
                                  for h, n in zip(self.hosts, self.worker_names)]
         return self._stubs[role]
 
+    def forget(self, role):
+        """Close the channels opened for ``role`` (the next :meth:`stubs` reopens them)."""
+        for stub in self._stubs.pop(role, []):
+            stub.close()
+
     def status(self, role="owner", timeout=5.0):
         """Each worker's public board (``wire.M.Board``), asked as ``role``; raises
         WorkerUnavailableError (naming the worker) when one does not answer."""
@@ -308,10 +313,8 @@ class Cluster:
     def stop(self, timeout=10.0):
         """End the auto-managed worker processes (by PID), free their ports and delete the
         throw-away CA's credentials. Does nothing to workers this object did not start."""
-        for stubs in self._stubs.values():
-            for stub in stubs:
-                stub.close()
-        self._stubs = {}
+        for role in list(self._stubs):
+            self.forget(role)
         procs, self._procs = self._procs, []
         for proc in procs:
             if proc.poll() is None:

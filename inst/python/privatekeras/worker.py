@@ -38,6 +38,9 @@ MODEL_ID = re.compile(r"^[0-9a-f]{16,64}$")
 MAX_WAITING = 4096  # queries a worker holds at once
 QUERY_TTL = 300.0  # seconds before an unevaluated or unfetched query is dropped
 MAX_FETCH_WAIT = 10.0  # longest a Fetch call waits for its answer before saying "not yet"
+SUBMIT_GRACE = 2.0  # how long a Fetch waits for its query's Submit to arrive
+API_THREADS = 128  # threads of a worker's API server
+LONG_POLLS = 96  # Fetch calls that may wait at once (the other threads stay free)
 IDLE_CHECK = 0.5  # while serving and idle, worker 0 checks the other workers this often
 PICKUP_PATIENCE = 10.0  # serve() waits this long without progress for answers to be fetched
 PEER_TIMEOUT = 5.0
@@ -118,6 +121,8 @@ class WorkerServer:
         self._message = "no model uploaded"
         self._server = None
         self._peers = {}  # index -> wire.Stub, made on first use
+        self._peers_lock = threading.Lock()
+        self._long_polls = threading.BoundedSemaphore(LONG_POLLS)
         self._closing = threading.Event()
         # worker 0 only
         self._engine = None
@@ -169,8 +174,8 @@ class WorkerServer:
 
     def _open_api(self):
         self._server = grpc.server(concurrent.futures.ThreadPoolExecutor(
-            max_workers=64, thread_name_prefix="privatekeras-api"),
-            options=wire.SERVER_OPTIONS, maximum_concurrent_rpcs=256)
+            max_workers=API_THREADS, thread_name_prefix="privatekeras-api"),
+            options=wire.SERVER_OPTIONS, maximum_concurrent_rpcs=4 * API_THREADS)
         self._server.add_generic_rpc_handlers((wire.handlers(self),))
         bound = self._server.add_secure_port(self.config.api_listen,
                                              wire.server_credentials(self.config.credentials))
@@ -207,12 +212,14 @@ class WorkerServer:
             self._server.stop(grace)
 
     def _peer(self, i):
-        stub = self._peers.get(i)
-        if stub is None:
-            cfg = self.config
-            stub = wire.Stub(wire.channel(cfg.api[i], cfg.credentials, cfg.names[i]))
-            self._peers[i] = stub
-        return stub
+        """The API of worker ``i``, called as a worker (one channel per peer)."""
+        with self._peers_lock:
+            stub = self._peers.get(i)
+            if stub is None:
+                cfg = self.config
+                stub = wire.Stub(wire.channel(cfg.api[i], cfg.credentials, cfg.names[i]))
+                self._peers[i] = stub
+            return stub
 
     def _check_peer_index(self, peer, index, method):
         if not 0 <= index < 3 or peer[0] != self.config.names[index]:
@@ -502,6 +509,8 @@ class WorkerServer:
             raise Refusal("BadInput", str(exc)) from None
         with self._cv:
             if self.index == 0:
+                if self._state == "failed":
+                    raise Refusal("WorkerLost", self._message)
                 if self._state != wire.SERVING:
                     raise Refusal("NotServing", "no model is being served: {}".format(
                         self._message))
@@ -515,6 +524,7 @@ class WorkerServer:
                               "later".format(self.config.name, MAX_WAITING))
             self._queries[request.query_id] = Query(request.query_id, request.fetch_digest,
                                                     request.session)
+            self._cv.notify_all()
         try:
             model.store.put_input(request.query_id, pair)
         except Exception:
@@ -535,15 +545,28 @@ class WorkerServer:
                  self.config.names[0], wire.translate(future.exception(), self.config.names[0]))
 
     def Fetch(self, request, context, peer):
-        with self._cv:
+        if not self._long_polls.acquire(blocking=False):
+            return M.FetchReply(ready=False)  # too many waiting: the client asks again
+        try:
+            return self._fetch(request, context)
+        finally:
+            self._long_polls.release()
+
+    def _fetch(self, request, context):
+        wait = min(max(request.wait_seconds, 0.0), MAX_FETCH_WAIT)
+        deadline = time.monotonic() + min(wait, SUBMIT_GRACE)
+        with self._cv:  # a client sends Fetch right behind Submit: it may arrive first
             query = self._queries.get(request.query_id)
+            while query is None and time.monotonic() < deadline:
+                self._cv.wait(deadline - time.monotonic())
+                query = self._queries.get(request.query_id)
         if query is None:
             raise Refusal("BadInput", "worker {} holds no query with this id (never "
                           "submitted here, already fetched, or expired)".format(
                               self.config.name))
         if not wire.secret_matches(request.fetch_secret, query.digest):
             raise Refusal("Denied", "wrong fetch secret for this query")
-        query.ready.wait(min(max(request.wait_seconds, 0.0), MAX_FETCH_WAIT))
+        query.ready.wait(wait)
         with self._cv:
             if query.error is not None:
                 self._queries.pop(query.id, None)
