@@ -199,8 +199,14 @@ class Links:
                                         text)
         log_path = os.path.join(workdir, "stunnel-{}.log".format(name))
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # stunnel's local ends of the links (the peers' compute ports on this host's loopback)
+        # admit only processes of this user, like the worker's own compute port.
+        from .confine import interposer_env
+
+        peers = [str(w.compute_port) for w in config.workers if w is not me]
+        env = dict(interposer_env(), PRIVATEKERAS_CONFINE_PORTS=",".join(peers))
         try:
-            proc = subprocess.Popen([stunnel, config_path], stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen([stunnel, config_path], stdin=subprocess.DEVNULL, env=env,
                                     stdout=log_fd, stderr=log_fd, close_fds=True,
                                     start_new_session=True,  # a terminal's Ctrl-C is ours
                                     preexec_fn=_die_with_parent(os.getpid()))
