@@ -1,86 +1,310 @@
-"""Security invariants of the traced private step, read off the graph the workers run."""
+"""Security invariants of the private step, read off the graph worker 0 traced, and of who
+talks to whom while a model is served.
+
+One module-scoped run with real processes: workers 1 and 2 are ``python -m privatekeras worker``
+processes; worker 0 is run by test code (scripts/privacy_worker0.py builds
+``privatekeras.worker.WorkerServer`` from a ``WorkerConfig`` itself) so that the step it traces
+can be read in its own process; a model owner (scripts/privacy_owner.py) shares a small CNN
+and serves one query from a client
+(scripts/privacy_client.py). A socket audit samples the sockets of all five processes
+throughout.
+
+Why worker 0 is not run inside the pytest process itself: a worker's TensorFlow server must be
+confined to loopback, which takes the bind() interposer preloaded when the process starts
+(LD_PRELOAD); in the pytest process TensorFlow's server binds the wildcard address ``[::]`` --
+every interface, running any graph sent to it -- for as long as the process lives, because
+TensorFlow can neither stop that server nor take the process's eager context out of the
+cluster again (it would stay a cluster member for every later test of the session). The
+harness process runs the same library code, under the interposer, with the inspection code
+next to the server.
+"""
 
 import collections
-import subprocess
+import json
+import os
+import re
 import sys
+import time
 
+import numpy as np
 import pytest
 
-from conftest import child_env, free_hosts
+from conftest import SCRIPTS, child_env
 
-INSPECT = r"""
-import collections, json, sys
-import keras
-import tensorflow as tf
-import privatekeras as pk
-L = keras.layers
-model = keras.Sequential([keras.Input((12, 12, 1), batch_size=2), L.Conv2D(4, 3, strides=2),
-                          L.ReLU(), L.MaxPooling2D(2, strides=1), L.AveragePooling2D(2),
-                          L.Flatten(), L.Dense(3)])
-cluster = pk.Cluster(sys.argv[1].split(",")).start()
-report = {}
-for protocol in ("aby3", "securenn"):
-    shared = pk.share(model, cluster, protocol=protocol)
-    ops = shared.traced.graph.get_operations()
-    # The step's arguments are the client's queue handles (DT_RESOURCE placeholders): names
-    # of queues on the workers, not values. Everything else unplaced runs in the owner.
-    handles = [op for op in ops if op.type == "Placeholder"
-               and op.get_attr("dtype") == tf.resource]
-    report.setdefault("handle_args", {})[protocol] = len(handles)
-    unplaced = [op for op in ops if not op.device and op not in handles]
-    report[protocol] = {
-        "types": collections.Counter(op.type for op in ops),
-        "devices": collections.Counter(op.device for op in ops),
-        "workers": cluster.devices,
-        "unplaced_types": collections.Counter(op.type for op in unplaced),
-        # ops off the workers that read anything computed on a worker
-        "unplaced_reading_workers": [op.name for op in unplaced
-                                     if any(i.op.device for i in op.inputs)],
-    }
-cluster.stop()
-print("REPORT " + json.dumps(report))
-"""
+sys.path.insert(0, str(SCRIPTS))
+from privacy_net import (Haystack, Lines, Names, SocketAudit, found, free_ports,  # noqa: E402
+                         make_credentials, maps, popen, stop, wait_for, windows, worker_cmd)
+
+WORKERS = ("w0", "w1", "w2")
+
+
+class Run:
+    """What the run recorded."""
+
+
+def small_model(path):
+    """A small CNN with the tutorial's kinds of private step (strided convolution, ReLU --
+    ABY3's bit decomposition and B2A conversion --, average pooling, flatten, dense), quicker
+    to trace than the tutorial's. Keras' random initial weights (in the fixed-point range)
+    will do."""
+    import keras
+
+    L = keras.layers
+    keras.Sequential([keras.Input((12, 12, 1), batch_size=1), L.Conv2D(4, 3, strides=2),
+                      L.ReLU(), L.AveragePooling2D(2), L.Flatten(), L.Dense(10)]).save(path)
 
 
 @pytest.fixture(scope="module")
-def report():
-    import json
+def run(tmp_path_factory):
+    import pickle
 
-    out = subprocess.run([sys.executable, "-c", INSPECT, ",".join(free_hosts())],
-                         env=child_env(), capture_output=True, text=True, timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("REPORT ")]
-    assert lines, out.stdout[-2000:] + out.stderr[-4000:]
-    return json.loads(lines[0][len("REPORT "):])
+    from privatekeras.deploy.confine import interposer_env
+    from privatekeras.kernels.build import default_library_path, loopback_library_path
+
+    t_start = time.monotonic()
+    r = Run()
+    # The libraries the workers load as they start (the kernels' path names their source).
+    r.kernels = os.path.realpath(default_library_path())
+    r.shim = os.path.realpath(loopback_library_path())
+    d = tmp_path_factory.mktemp("invariants")
+    small_model(d / "small.keras")
+    np.save(d / "image.npy", np.random.default_rng(7).uniform(0, 1, (1, 12, 12, 1)))
+    A = free_ports(3)
+    Q = free_ports(3, avoid=A)
+    api = ["localhost:{}".format(p) for p in A]
+    compute = ["127.0.0.1:{}".format(p) for p in Q]
+    env = child_env()
+    env["PRIVATEKERAS_RUNTIME_DIR"] = str(d / "runtime")
+    make_credentials(env["PRIVATEKERAS_RUNTIME_DIR"], api)
+    worker0_env = interposer_env(env)  # what the worker entry point re-executes itself with
+    worker0_env["PRIVATEKERAS_CONFINE_PORTS"] = str(Q[0])
+
+    names = Names()
+    procs, out, audit = {}, {}, None
+    py = sys.executable
+    try:
+        audit = SocketAudit(names)
+        commands = {
+            "w0": ([py, str(SCRIPTS / "privacy_worker0.py"), "--hosts", ",".join(api),
+                    "--compute", ",".join(compute), "--report", str(d / "step.json")],
+                   worker0_env),
+            "w1": (worker_cmd(api, 1, compute), env),
+            "w2": (worker_cmd(api, 2, compute), env),
+        }
+        for name, (cmd, e) in commands.items():
+            procs[name] = popen(cmd, e)
+            names.pids[name] = procs[name].pid
+            out[name] = Lines(procs[name])
+
+        def report(what=""):
+            return "{}\n{}".format(what, "\n".join(
+                "--- {} (rc {}):\n{}".format(name, p.poll(), out[name].text())
+                for name, p in procs.items()))
+
+        workers = [procs[w] for w in WORKERS]
+        wait_for("workers ready", lambda: all(out[w].first("READY") for w in WORKERS),
+                 workers, 180, report)
+        r.t_ready = time.monotonic() - t_start
+        h = ["--hosts", ",".join(api)]
+        for name, cmd in (
+                ("owner", [py, str(SCRIPTS / "privacy_owner.py")] + h + [
+                    "--model", str(d / "small.keras"), "--num-requests", "1",
+                    "--out", str(d / "owner.pkl")]),
+                ("client", [py, str(SCRIPTS / "privacy_client.py")] + h + [
+                    "--image", str(d / "image.npy"), "--queries", "1", "--classes", "10",
+                    "--out", str(d / "client.pkl")])):
+            if name == "client":  # once the model is shared; it waits for serving itself
+                wait_for("model shared", lambda: out["owner"].first("RECORD SHARED"),
+                         workers + [procs["owner"]], 300, report)
+            procs[name] = popen(cmd, env)
+            names.pids[name] = procs[name].pid
+            out[name] = Lines(procs[name])
+        wait_for("owner and client done", lambda: procs["owner"].poll() is not None and
+                 procs["client"].poll() is not None, workers, 300, report)
+        assert procs["owner"].returncode == 0 and procs["client"].returncode == 0, report(
+            "owner/client failed")
+        wait_for("worker 0's report", lambda: out["w0"].first("REPORT"), workers, 60, report)
+        audit.sample()
+        r.maps = {w: maps(procs[w].pid) for w in WORKERS}
+    finally:
+        if audit is not None:
+            audit.stop()
+        stop([p for name, p in procs.items() if name not in WORKERS])
+        stop([p for name, p in procs.items() if name in WORKERS])
+        for lines in out.values():
+            lines.join(5)
+        for p in procs.values():
+            p.stdout.close()
+    with open(d / "step.json") as f:
+        r.step = json.load(f)
+    with open(d / "owner.pkl", "rb") as f:
+        r.owner = pickle.load(f)
+    with open(d / "client.pkl", "rb") as f:
+        r.client = pickle.load(f)
+    r.audit, r.A, r.Q = audit, A, Q
+    r.owner_output = out["owner"].text()
+    r.elapsed = time.monotonic() - t_start
+    return r
 
 
-@pytest.mark.parametrize("protocol", ["aby3", "securenn"])
-def test_nothing_of_a_query_flows_back_to_the_model_owner(report, protocol):
-    """Every op of the traced step that touches shares is pinned to a worker. Ops left
-    unplaced (they run in the model owner's process) may only read constants and fresh
-    randomness: no value computed on a worker ever reaches the owner."""
-    r = report[protocol]
-    assert set(r["devices"]) - {""} <= set(r["workers"]), r["devices"]
-    assert r["unplaced_reading_workers"] == []
-    assert set(r["unplaced_types"]) <= {"Const", "PkSecureSeed", "PkSeededRandomUniform",
-                                        "Sub", "FloorMod"}, r["unplaced_types"]
+def _canonical(device):
+    import tensorflow as tf
+
+    return tf.DeviceSpec.from_string(device).to_string() if device else ""
 
 
-def test_aby3_runs_everything_on_the_workers(report):
-    """Apart from the 6 queue-handle arguments (each worker's input and output queue of
-    the querying client), every op of the ABY3 step is placed on a worker."""
-    assert report["handle_args"]["aby3"] == 6
-    assert report["aby3"]["unplaced_types"] == {}
+def _stock_random_ops():
+    import tensorflow as tf
+
+    stock = [n for n in dir(tf.raw_ops)
+             if re.search("Random|Seed|Stateless|Multinomial|TruncatedNormal|Rng|Shuffle", n)]
+    assert "RandomUniformInt" in stock and "StatelessRandomUniformV2" in stock
+    return stock
 
 
-@pytest.mark.parametrize("protocol", ["aby3", "securenn"])
-def test_randomness_comes_only_from_our_csprng(report, protocol):
-    types = collections.Counter(report[protocol]["types"])
-    assert types["PkSecureSeed"] > 0  # fresh seeds drawn on every execution
-    insecure = [t for t in types if ("Random" in t or "Seed" in t) and not t.startswith("Pk")]
-    assert not insecure, insecure
+def _producers(node_input):
+    """The node name a NodeDef input refers to ("name", "name:1", "^name" for control)."""
+    return node_input.lstrip("^").split(":")[0]
 
 
-def test_aby3_rekeys_its_prfs_in_every_query(report):
-    """ABY3's pairwise PRF keys are drawn inside the traced step (3 seeds for pairwise
-    randomness), not once at start-up, so masks are never reused across queries."""
-    assert report["aby3"]["types"]["PkSecureSeed"] >= 3
+def test_every_op_of_the_step_runs_on_one_of_the_three_workers(run):
+    """The traced step takes one argument, the string vector of query ids (fed by worker 0
+    itself), and captures nothing from outside the step. Every other op of its graph is
+    placed on one of the three workers' devices, so nothing runs anywhere else; ops in the
+    functions it calls (while-loop bodies) carry no device or a worker's device (a body runs
+    on the device of the loop op that calls it, itself placed on a worker)."""
+    s = run.step
+    devices = {_canonical(d) for d in s["devices"]}
+    assert len(devices) == 3
+    assert [a[1] for a in s["arguments"]] == ["string"], s["arguments"]
+    assert s["captured"] == 0
+    arguments = {a[0].split(":")[0] for a in s["arguments"]}
+    placed = collections.Counter(_canonical(n["device"]) for n in s["nodes"]
+                                 if n["name"] not in arguments)
+    print("\nops of the step per device:", dict(placed))
+    print("workers ready after {:.1f} s, run {:.1f} s; the owner's output:\n    {}".format(
+        run.t_ready, run.elapsed, "\n    ".join(run.owner_output.splitlines()[-6:])))
+    assert set(placed) == devices, placed
+    assert sum(placed.values()) > 1000
+    for name, body in s["functions"].items():
+        assert {_canonical(n["device"]) for n in body} <= devices | {""}, name
+
+
+def test_the_pairwise_prf_keys_are_drawn_inside_the_step(run):
+    """ABY3's pairwise PRF keys are set up inside the traced step (``prot.reset()`` in the
+    step), so every execution draws new keys: the step graph holds the three key seeds
+    "pair-randomness-setup/seed<i>" as our PkSecureSeed kernel op, each on worker i's device,
+    and each feeds PRF evaluations (PkSeededRandomUniform). Every PRF evaluation of the step
+    takes its key from a PkSecureSeed op of the step, never from a placeholder or a captured
+    tensor -- keys made once when the engine was built would be captured constants of the
+    graph, and every query would reuse the same masks."""
+    s = run.step
+    nodes = {n["name"]: n for n in s["nodes"]}
+    consumers = collections.defaultdict(set)
+    for n in s["nodes"]:
+        for i in n["inputs"]:
+            consumers[_producers(i)].add(n["name"])
+    devices = [_canonical(d) for d in s["devices"]]
+    seeds = {}
+    for n in s["nodes"]:
+        m = re.search(r"pair-randomness-setup/seed(\d)$", n["name"])
+        if m:
+            seeds[int(m.group(1))] = n
+    assert sorted(seeds) == [0, 1, 2], sorted(seeds)
+
+    def downstream(name):
+        seen, todo = set(), [name]
+        while todo:
+            for c in consumers[todo.pop()]:
+                if c not in seen:
+                    seen.add(c)
+                    todo.append(c)
+        return seen
+
+    for i, n in seeds.items():
+        assert n["op"] == "PkSecureSeed" and _canonical(n["device"]) == devices[i], n
+        assert any(nodes[c]["op"] == "PkSeededRandomUniform" for c in downstream(n["name"]))
+
+    def upstream(name):
+        seen, todo = {name}, [name]
+        while todo:
+            for i in nodes[todo.pop()]["inputs"]:
+                p = _producers(i)
+                if p not in seen:
+                    seen.add(p)
+                    todo.append(p)
+        return seen
+
+    prfs = [n for n in s["nodes"] if n["op"] == "PkSeededRandomUniform"]
+    assert len(prfs) > 10
+    for n in prfs:  # inputs: shape, seed (the key plus a public nonce), minval, maxval
+        origins = {nodes[p]["op"] for p in upstream(_producers(n["inputs"][1]))}
+        assert "PkSecureSeed" in origins and "Placeholder" not in origins, (n["name"], origins)
+    print("\nPkSecureSeed ops in the step: {}, PkSeededRandomUniform: {}".format(
+        sum(n["op"] == "PkSecureSeed" for n in s["nodes"]), len(prfs)))
+
+
+def test_randomness_comes_only_from_our_csprng(run):
+    """No stock TensorFlow random, seed or stateless-random op anywhere in the step (its
+    graph and every function it calls); the randomness ops there are our kernels; and TF
+    Encrypted in worker 0 draws from them (secure_randomness_active)."""
+    s = run.step
+    types = collections.Counter(n["op"] for n in s["nodes"])
+    types.update(n["op"] for body in s["functions"].values() for n in body)
+    stock = set(_stock_random_ops())
+    assert not stock & set(types), stock & set(types)
+    random_like = {t for t in types if re.search("Random|Seed", t)}
+    assert random_like and all(t.startswith("Pk") for t in random_like), random_like
+    assert types["PkSecureSeed"] >= 9  # pairwise and the two B2A key sets, 3 each
+    assert s["secure_randomness_active"] is True
+
+
+def test_nothing_of_a_query_flows_back_to_the_model_owner(run):
+    """The owner's process (and the client's) runs no server: sampled throughout the run it
+    never listens on any socket, and every connection it has goes to a worker's API port
+    (a worker process at the other end), never to a compute port. Of the API, the owner only
+    called owner methods, and nothing it received holds a window of the client's input
+    shares, answer shares, input or answer."""
+    r = run
+    for party, least in (("owner", 10), ("client", 3)):  # the client lives a second or two
+        assert r.audit.samples[party] >= least, r.audit.samples
+        assert r.audit.listening[party] == set(), (party, r.audit.listening[party])
+        links = r.audit.links[party]
+        assert links and all(rport in r.A for _, rport, _ in links), (party, links)
+        assert all(peer in WORKERS for _, _, peer in links), (party, links)
+        assert not [link for link in links if link[1] in r.Q], (party, links)
+    from privatekeras import wire
+
+    messages = r.owner["messages"]
+    assert {m["method"] for m in messages} <= {"Status", "Upload", "Prepare", "Serve",
+                                               "StopServing"}
+    for m in messages:
+        assert "owner" in wire.METHODS[m["method"]][3]
+    received = [Haystack(m["data"]) for m in messages if m["kind"] == "reply"]
+    sharing = r.client["sharings"][0]
+    client_replies = [m for m in r.client["messages"] if m["method"] == "Fetch"
+                      and m["kind"] == "reply"]
+    answer = [wire.array(t) for m in client_replies
+              for t in wire.M.FetchReply.FromString(m["data"]).shares]
+    assert len(answer) == 6
+    needles = [n for a in list(sharing["shares"]) + [sharing["encoded"]] + answer
+               for n in windows(a)]
+    needles += windows(r.client["queries"][0]["logits"].astype(np.float32))
+    assert len(needles) > 400
+    assert not found(received, needles)
+
+
+def test_workers_listen_where_the_cluster_says_and_compute_on_loopback_only(run):
+    """Each worker (worker 0 run by the test's harness included) has our kernels and the
+    loopback interposer mapped, and listens on exactly its API port (the Cluster hosts'
+    port, loopback addresses for "localhost") and its compute port (127.0.0.1 only)."""
+    from privatekeras.deploy.listening import is_loopback
+
+    r = run
+    for i, w in enumerate(WORKERS):
+        assert r.kernels in r.maps[w], w
+        assert r.shim in r.maps[w], w
+        listening = r.audit.listening[w]
+        assert {port for _, _, port in listening} == {r.A[i], r.Q[i]}, (w, listening)
+        assert {s for s in listening if s[2] == r.Q[i]} == {("ipv4", "127.0.0.1", r.Q[i])}
+        assert all(is_loopback(family, address) for family, address, _ in listening)

@@ -1,523 +1,276 @@
-"""Privacy invariants of one private query, observed on the wire (issue 5).
+"""Privacy invariants of private queries, observed on the wire and at the message level.
 
-One module-scoped run: three workers started by the test, a model owner sharing the trained
-tutorial CNN and a client sending one batch-1 query. Every worker is reached only through a
-recording TCP proxy: worker i listens on a private port Q_i, while the owner, the client and
-the other workers are told its address is P_i, where the test's proxy forwards to Q_i and
-keeps every byte in both directions. Each proxied connection is attributed to the process
-that opened it (its socket inode in /proc), so the view of worker i is
+One module-scoped run with real processes: three workers started by hand, as an operator
+would (``python -m privatekeras worker --hosts ... --index i --compute ... --compute-port ...``
+with credentials from ``deploy.pki.make_local``), a model owner sharing the trained tutorial
+CNN and serving three queries, and a client sending one image three times: query 0 with fresh
+shares, queries 1 and 2 with one and the same share set (byte-identical submissions).
 
-    every byte through proxy i (both directions)
-    + every byte on connections worker i itself opened to the other proxies.
+Two kinds of links, both recorded by TCP proxies in this process:
 
-A socket audit samples the workers' TCP sockets throughout, to show nothing bypasses the
-proxies. The owner and client scripts record, from inside the processes (no extra traffic):
-the client's shares x_0, x_1, x_2 of the encoded input (worker i is sent (x_i, x_{i+1})),
-the output shares y_0, y_1, y_2 the workers returned and their sum (the encoded answer), and
-per weight TFE's fixed-point encoding, the seeds of its first two shares and its third share.
+- **API** (owner/client/worker -> worker i's API; gRPC over mutual TLS): worker i binds its API
+  on a private port R_i, and everyone else is told its address is A_i, where a proxy forwards
+  to R_i (worker i is started with a hosts list naming R_i for itself and A_j for the others;
+  its credentials directory, keyed by that list, is a copy of the cluster's). The recordings
+  can only show that this link is TLS. What each worker receives from the owner and the client
+  is checked at the message level instead: the owner and client scripts (privacy_owner.py,
+  privacy_client.py) wrap, in their own processes, the stubs they call the workers with and
+  keep every request and reply (privacy_record.py), together with the shares they made.
+- **compute** (worker <-> worker, TensorFlow's plaintext gRPC, HTTP/2 + protobuf): worker i's
+  TensorFlow server binds Q_i (``--compute-port``) while ``--compute`` names the proxies P_j for
+  everyone, so every byte between workers crosses a proxy. A socket audit samples the workers'
+  sockets throughout to show nothing bypasses the proxies.
 
-Byte search: every recorded stream is also de-framed (HTTP/2 DATA payloads reassembled per
-stream), so a tensor split across frames is still contiguous. Needles are 8-element windows
+Each proxied connection is attributed to the process that opened it (its socket inode in
+/proc), so worker i's view of the compute links is every byte through its compute proxy plus
+every byte on compute connections it opened.
+
+Byte search: every recorded compute stream is also de-framed (HTTP/2 DATA payloads reassembled
+per stream), so a tensor split across frames is contiguous again. Needles are 8-element windows
 (64 bytes for int64/float64) that are "informative": all 8 elements non-zero and at least 4
 distinct, so a window cannot match padding or small constants by chance.
 """
 
 import collections
-import json
 import os
+import pickle
 import re
-import socket
-import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import LOGIT_ATOL, SCRIPTS, child_env, free_hosts
+from conftest import LOGIT_ATOL, SCRIPTS, child_env
 
-SCALE = 2.0 ** 16  # ABY3's fixed point: round(x * 2^16) as int64 (mod 2^64)
-WINDOW = 8  # elements per needle window
+sys.path.insert(0, str(SCRIPTS))
+from privacy_net import (PREFACE, Haystack, Lines, Names, RecordingProxy,  # noqa: E402
+                         SocketAudit, found, free_ports, http2_data, http2_data_frames,
+                         join_streams, make_credentials, maps, popen,
+                         random_looking_chunks, stop, tls_records, wait_for, windows,
+                         worker_cmd)
 
-
-# ----------------------------------------------------------------------------------------
-# The recording proxy
-# ----------------------------------------------------------------------------------------
-class Connection:
-    """One proxied TCP connection to a worker: who opened it and every byte each way."""
-
-    def __init__(self, worker, peer_port):
-        self.worker = worker  # the proxy (= worker index) it went through
-        self.peer_port = peer_port
-        self.origin = None  # name of the process that opened it ("owner", "client", "w0", ...)
-        self.chunks = {"to_worker": [], "from_worker": []}  # (time, bytes)
-        self.lock = threading.Lock()
-
-    def data(self, direction, t0=None, t1=None):
-        with self.lock:
-            return b"".join(c for t, c in self.chunks[direction]
-                            if (t0 is None or t >= t0) and (t1 is None or t <= t1))
-
-    def nbytes(self, direction, t0=None, t1=None):
-        with self.lock:
-            return sum(len(c) for t, c in self.chunks[direction]
-                       if (t0 is None or t >= t0) and (t1 is None or t <= t1))
-
-
-class RecordingProxy:
-    """Listens on 127.0.0.1:listen_port and forwards each connection to 127.0.0.1:target_port,
-    recording both directions (two pump threads per connection, so neither direction can
-    block the other)."""
-
-    def __init__(self, worker, listen_port, target_port, identify):
-        self.worker, self.target_port, self.identify = worker, target_port, identify
-        self.connections = []
-        self.errors = []
-        self._sockets = []
-        self._closed = False
-        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind(("127.0.0.1", listen_port))
-        self.server.listen(64)
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self):
-        while not self._closed:
-            try:
-                down, addr = self.server.accept()
-            except OSError:
-                return
-            conn = Connection(self.worker, addr[1])
-            conn.origin = self.identify(addr[1], self.server.getsockname()[1])
-            try:
-                up = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError as exc:
-                self.errors.append("connect to worker {}: {}".format(self.worker, exc))
-                down.close()
-                continue
-            for s in (down, up):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sockets += [down, up]
-            self.connections.append(conn)
-            for src, dst, direction in ((down, up, "to_worker"), (up, down, "from_worker")):
-                threading.Thread(target=self._pump, args=(src, dst, conn, direction),
-                                 daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst, conn, direction):
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                with conn.lock:
-                    conn.chunks[direction].append((time.monotonic(), data))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
-                try:
-                    s.shutdown(how)
-                except OSError:
-                    pass
-
-    def close(self):
-        self._closed = True
-        for s in [self.server] + self._sockets:
-            try:
-                s.close()
-            except OSError:
-                pass
-
-
-# ----------------------------------------------------------------------------------------
-# /proc helpers: which process owns a socket, what a process has mapped
-# ----------------------------------------------------------------------------------------
-def _tcp_table():
-    """Rows (local_port, remote_port, state, inode, local_addr) of /proc/net/tcp{,6}."""
-    rows = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in list(f)[1:]:
-                parts = line.split()
-                laddr, lport = parts[1].rsplit(":", 1)
-                rport = int(parts[2].rsplit(":", 1)[1], 16)
-                rows.append((int(lport, 16), rport, parts[3], int(parts[9]), laddr))
-    return rows
-
-
-def _socket_inodes(pid):
-    inodes = set()
-    try:
-        for fd in os.listdir("/proc/{}/fd".format(pid)):
-            try:
-                target = os.readlink("/proc/{}/fd/{}".format(pid, fd))
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    except OSError:
-        pass
-    return inodes
-
-
-class Processes:
-    """Names of the processes of this run by PID, to attribute sockets."""
-
-    def __init__(self):
-        self.pids = {}  # name -> pid
-
-    def owner_of_port(self, local_port, remote_port):
-        for _ in range(50):
-            inode = next((r[3] for r in _tcp_table()
-                          if r[0] == local_port and r[1] == remote_port and r[3]), None)
-            if inode is not None:
-                for name, pid in list(self.pids.items()):
-                    if inode in _socket_inodes(pid):
-                        return name
-            time.sleep(0.01)
-        return "unknown:{}".format(local_port)
-
-
-def _maps(pid):
-    with open("/proc/{}/maps".format(pid)) as f:
-        return f.read()
-
-
-# ----------------------------------------------------------------------------------------
-# HTTP/2 de-framing and window search
-# ----------------------------------------------------------------------------------------
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def http2_data(raw):
-    """DATA payloads of an HTTP/2 byte stream, reassembled per stream id.
-
-    Returns (payload bytes, complete) where complete says the frames tiled the whole stream.
-    """
-    pos = len(PREFACE) if raw.startswith(PREFACE) else 0
-    streams = collections.OrderedDict()
-    while pos + 9 <= len(raw):
-        length = int.from_bytes(raw[pos:pos + 3], "big")
-        ftype, flags = raw[pos + 3], raw[pos + 4]
-        sid = int.from_bytes(raw[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-        body = raw[pos + 9:pos + 9 + length]
-        if len(body) < length:
-            break
-        if ftype == 0:  # DATA
-            if flags & 0x8:  # PADDED
-                body = body[1:len(body) - body[0]]
-            streams.setdefault(sid, []).append(body)
-        pos += 9 + length
-    return b"".join(b"".join(parts) for parts in streams.values()), pos == len(raw)
-
-
-def windows(arr, step=1):
-    """Byte strings of the WINDOW-element windows of ``arr`` (flattened, starting every
-    ``step`` elements), keeping only informative ones: all elements non-zero and at least 4
-    distinct."""
-    flat = np.ascontiguousarray(arr).reshape(-1)
-    out = []
-    for k in range(0, flat.size - WINDOW + 1, step):
-        w = flat[k:k + WINDOW]
-        if np.any(w == 0) or len(np.unique(w)) < 4:
-            continue
-        out.append(w.tobytes())
-    return out
-
-
-class Haystack:
-    """A byte string with its 8-byte words at each of the 8 byte alignments, for searching
-    many needles at once."""
-
-    def __init__(self, data):
-        self.data = bytes(data)
-        self.words = [np.frombuffer(self.data, dtype="<u8", count=(len(self.data) - a) // 8,
-                                    offset=a) if len(self.data) - a >= 8 else np.zeros(0, "<u8")
-                      for a in range(8)]
-
-
-def found(haystacks, needles):
-    """The needles (byte strings of >= 8 bytes) that occur in any of the haystacks: candidate
-    positions are where a word equals some needle's first 8 bytes (a sorted-array lookup),
-    then the whole needle is compared."""
-    if not needles:
-        return set()
-    by_key = collections.defaultdict(list)
-    for n, k in zip(needles, np.frombuffer(b"".join(n[:8] for n in needles), "<u8").tolist()):
-        by_key[k].append(n)
-    keys = np.array(sorted(by_key), dtype="<u8")
-    hits = set()
-    for h in haystacks:
-        for a, words in enumerate(h.words):
-            if not words.size:
-                continue
-            slot = np.minimum(np.searchsorted(keys, words), keys.size - 1)
-            for i in np.nonzero(keys[slot] == words)[0].tolist():
-                pos = a + 8 * i
-                for n in by_key[int(words[i])]:
-                    if n not in hits and h.data[pos:pos + len(n)] == n:
-                        hits.add(n)
-    return hits
+SCALE = 2.0 ** 16  # the fixed point: round(x * 2^16) as int64 (mod 2^64)
+QUERIES = 3
+SAME_FROM = 1  # queries 1 and 2 carry byte-identical shares
+WORKERS = ("w0", "w1", "w2")
 
 
 # ----------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------
-def _ports(hosts):
-    return [int(h.rsplit(":", 1)[1]) for h in hosts]
-
-
-class _Lines(threading.Thread):
-    """Reads a process's output, timestamping each line (same clock as the proxies)."""
-
-    def __init__(self, proc):
-        super().__init__(daemon=True)
-        self.proc, self.lines = proc, []
-        self.start()
-
-    def run(self):
-        for line in self.proc.stdout:
-            self.lines.append((time.monotonic(), line.rstrip("\n")))
-
-    def time_of(self, prefix):
-        return next((t for t, line in self.lines if line.startswith(prefix)), None)
-
-    def line(self, prefix):
-        return next((line for t, line in self.lines if line.startswith(prefix)), None)
-
-    def text(self):
-        return "\n".join(line for _, line in self.lines)
-
-
-class _SocketAudit(threading.Thread):
-    """Samples the TCP sockets of the worker processes: every connection (in any state but
-    LISTEN) must be one the proxies see: accepted on the worker's private port Q_i (which only
-    its proxy knows), or opened to a proxy port P_j. Also collects the listening sockets."""
-
-    def __init__(self, pids, private_ports, proxy_ports):
-        super().__init__(daemon=True)
-        self.pids, self.private, self.proxy = pids, private_ports, set(proxy_ports)
-        self.unproxied, self.listening = set(), collections.defaultdict(set)
-        self.samples = 0
-        self.done = threading.Event()
-        self.start()
-
-    def run(self):
-        while not self.done.wait(0.25):
-            self.sample()
-
-    def sample(self):
-        rows = _tcp_table()
-        for i, pid in enumerate(self.pids):
-            inodes = _socket_inodes(pid)
-            for lport, rport, state, inode, laddr in rows:
-                if inode not in inodes:
-                    continue
-                if state == "0A":
-                    self.listening[i].add((laddr, lport))
-                elif lport != self.private[i] and rport not in self.proxy:
-                    self.unproxied.add((i, lport, rport))
-        self.samples += 1
-
-
 class Run:
-    """Everything recorded in one private query, for the tests to assert on."""
+    """Everything recorded in the run, for the tests to assert on."""
 
 
-def _start_worker(i, hosts, env):
-    cmd = [sys.executable, "-m", "privatekeras.worker", "--hosts", ",".join(hosts),
-           "--index", str(i), "--parent-pid", str(os.getpid())]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+def _decode(messages, party):
+    from privatekeras import wire
 
-
-def _stop(procs):
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    out = []
+    for m in messages:
+        _kind, request, reply, _roles = wire.METHODS[m["method"]]
+        cls = getattr(wire.M, request if m["kind"] == "request" else reply)
+        out.append(dict(m, party=party, message=cls.FromString(m["data"])))
+    return out
 
 
 @pytest.fixture(scope="module")
 def run(models, tmp_path_factory):
-    from privatekeras.cluster import _child_env
+    from privatekeras.kernels.build import default_library_path, loopback_library_path
 
     t_start = time.monotonic()
+    r = Run()
+    # The libraries the workers load as they start (the kernels' path names their source).
+    r.kernels = os.path.realpath(default_library_path())
+    r.shim = os.path.realpath(loopback_library_path())
     d = tmp_path_factory.mktemp("privacy")
-    public = free_hosts()
-    private = free_hosts()
-    # The workers bind their ports seconds later: keep them below the ephemeral range
-    # (32768+), where an outgoing connection could take them in the meantime.
-    while set(private) & set(public) or max(_ports(private)) >= 32768:
-        private = free_hosts()
-    P, Q = _ports(public), _ports(private)
+    A = free_ports(3)  # the APIs as everyone reaches them: proxies
+    R = free_ports(3, avoid=A)  # what the workers' API servers bind
+    P = free_ports(3, avoid=A + R)  # the compute ports as the workers reach them: proxies
+    Q = free_ports(3, avoid=A + R + P)  # what the workers' TensorFlow servers bind
+    api = ["localhost:{}".format(p) for p in A]
+    compute = ["127.0.0.1:{}".format(p) for p in P]
+    own_hosts = [[api[j] if j != i else "localhost:{}".format(R[i]) for j in range(3)]
+                 for i in range(3)]
+    env = child_env()
+    env["PRIVATEKERAS_RUNTIME_DIR"] = str(d / "runtime")
+    make_credentials(env["PRIVATEKERAS_RUNTIME_DIR"], api, copies=own_hosts)
     np.save(d / "image.npy", np.load(models / "images.npy")[:1])
 
-    names = Processes()
-    proxies, workers, others, audit, readers = [], [], [], None, {}
-    r = Run()
+    names = Names()
+    proxies, workers, others, out, audit = [], [], [], {}, None
     try:
-        proxies = [RecordingProxy(i, P[i], Q[i], names.owner_of_port) for i in range(3)]
-        # Worker i binds its own private port; everyone else is told the proxy's port.
-        env = _child_env(loopback_only=True)  # exactly what Cluster.start() gives workers
+        proxies = ([RecordingProxy("api", i, A[i], R[i], names) for i in range(3)]
+                   + [RecordingProxy("compute", i, P[i], Q[i], names) for i in range(3)])
+        audit = SocketAudit(names)
         for i in range(3):
-            hosts = list(public)
-            hosts[i] = private[i]
-            workers.append(_start_worker(i, hosts, env))
-            names.pids["w{}".format(i)] = workers[-1].pid
-        worker_out = [_Lines(w) for w in workers]
-        readers.update((w.pid, o) for w, o in zip(workers, worker_out))
-        deadline = time.monotonic() + 120
-        while not all(o.time_of("READY") for o in worker_out):
-            assert all(w.poll() is None for w in workers), [o.text() for o in worker_out]
-            assert time.monotonic() < deadline, [o.text() for o in worker_out]
-            time.sleep(0.1)
-        r.t_ready = time.monotonic()
-        audit = _SocketAudit([w.pid for w in workers], Q, P)
+            workers.append(popen(worker_cmd(own_hosts[i], i, compute, Q[i]), env))
+            names.pids[WORKERS[i]] = workers[-1].pid
+            out[WORKERS[i]] = Lines(workers[-1])
 
-        h = ["--hosts", ",".join(public)]
+        def report(what=""):
+            return "{}\n{}".format(what, "\n".join(
+                "--- {} (rc {}):\n{}".format(name, p.poll(), out[name].text())
+                for name, p in zip(list(WORKERS) + ["owner", "client"], workers + others)))
+
+        wait_for("workers ready", lambda: all(out[w].first("READY") for w in WORKERS),
+                 workers, 180, report)
+        r.t_ready = time.monotonic()
         py = sys.executable
-        owner = subprocess.Popen(
-            [py, str(SCRIPTS / "owner.py")] + h + [
-                "--model", str(models / "tutorial.keras"), "--num-requests", "1",
-                "--external-workers", "--record-weight-shares", str(d / "weights")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+        h = ["--hosts", ",".join(api)]
+        owner = popen([py, str(SCRIPTS / "privacy_owner.py")] + h + [
+            "--model", str(models / "tutorial.keras"), "--num-requests", str(QUERIES),
+            "--out", str(d / "owner.pkl")], env)
         others.append(owner)
         names.pids["owner"] = owner.pid
-        client = subprocess.Popen(
-            [py, str(SCRIPTS / "client.py")] + h + [
-                "--images", str(d / "image.npy"), "--out", str(d / "logits.npy"),
-                "--input-shape", "1,28,28,1", "--output-shape", "1,10",
-                "--record", str(d / "client"), "--start-after", str(d / "serving")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+        out["owner"] = Lines(owner)
+        # The client starts once the model is shared (it would only poll the board while
+        # worker 0 traces the step); it waits by itself for serving to begin.
+        wait_for("model shared", lambda: out["owner"].first("RECORD SHARED"), workers + others,
+                 300, report)
+        client = popen([py, str(SCRIPTS / "privacy_client.py")] + h + [
+            "--image", str(d / "image.npy"), "--queries", str(QUERIES),
+            "--same-shares-from", str(SAME_FROM), "--out", str(d / "client.pkl")], env)
         others.append(client)
         names.pids["client"] = client.pid
-        owner_out, client_out = _Lines(owner), _Lines(client)
-        readers.update({owner.pid: owner_out, client.pid: client_out})
-
-        def report(what):
-            return "{}\nworkers' exit codes {} (-11: SIGSEGV)\nOWNER:\n{}\nCLIENT:\n{}{}".format(
-                what, [w.poll() for w in workers], owner_out.text()[-3000:],
-                client_out.text()[-3000:],
-                "".join("\nWORKER {}:\n{}".format(i, o.text()[-1500:])
-                        for i, o in enumerate(worker_out)))
-
-        # The client (already importing TensorFlow) connects once the owner serves, so its
-        # eager contexts are not created on the workers while the owner's ops run there.
-        deadline = time.monotonic() + 240
-        while not any("privatekeras: serving" in line for _, line in owner_out.lines):
-            assert owner.poll() is None and time.monotonic() < deadline, report("owner")
-            time.sleep(0.05)
-        (d / "serving").touch()
-        try:
-            client.wait(max(1.0, deadline - time.monotonic()))
-            owner.wait(60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(report("flow timed out")) from None
-        owner_out.join(5)
-        client_out.join(5)
-        assert owner.returncode == 0 and client.returncode == 0, report(
-            "owner rc={} client rc={}".format(owner.returncode, client.returncode))
+        out["client"] = Lines(client)
+        wait_for("owner and client done", lambda: owner.poll() is not None and
+                 client.poll() is not None, workers, 300, report)
+        assert owner.returncode == 0 and client.returncode == 0, report("owner/client failed")
         audit.sample()
-        r.maps = [_maps(w.pid) for w in workers]
+        r.maps = {w: maps(p.pid) for w, p in zip(WORKERS, workers)}
     finally:
         if audit is not None:
-            audit.done.set()
-        _stop(others)
-        _stop(workers)
+            audit.stop()
+        stop(others)
+        stop(workers)
         for p in proxies:
             p.close()
-        for p in others + workers:  # the readers have seen EOF: the processes are gone
-            reader = readers.get(p.pid)
-            if reader is not None:
-                reader.join(5)
+        for lines in out.values():
+            lines.join(5)
+        for p in workers + others:
             p.stdout.close()
-    r.t_start, r.elapsed_run = t_start, time.monotonic() - t_start
-    r.audit, r.proxies, r.P, r.Q = audit, proxies, P, Q
-    r.owner_out, r.client_out, r.worker_out = owner_out, client_out, worker_out
-    r.connections = [c for p in proxies for c in p.connections]
+    r.elapsed_run = time.monotonic() - t_start
+    r.owner_output = out["owner"].text()
+    r.t_start, r.audit, r.names = t_start, audit, names
+    r.A, r.R, r.P, r.Q, r.api = A, R, P, Q, api
     r.proxy_errors = [e for p in proxies for e in p.errors]
-    # The client stamps its markers with time.monotonic() (CLOCK_MONOTONIC, the proxies'
-    # clock too): exact even when this process reads its output late.
-    stamp = lambda marker: float(client_out.line(marker).split()[-1])  # noqa: E731
-    r.t_split, r.t_reconstruct = stamp("RECORD SPLIT"), stamp("RECORD RECONSTRUCT")
-    r.t_shared = float(owner_out.line("RECORD SHARED").split()[-1])
-    load = lambda name: np.load(d / "client" / (name + ".npy"))  # noqa: E731
-    r.x_enc = load("input_encoded")
-    r.x = [load("input_w0_a"), load("input_w1_a"), load("input_w2_a")]
-    r.x_pairs = [(load("input_w{}_a".format(i)), load("input_w{}_b".format(i))) for i in range(3)]
-    r.y_pairs = [(load("output_w{}_a".format(i)), load("output_w{}_b".format(i)))
-                 for i in range(3)]
-    r.y = [p[0] for p in r.y_pairs]
-    r.y_enc = load("output_encoded")
-    r.logits = np.load(d / "logits.npy")
-    r.plain_logits = np.load(models / "tutorial_logits.npy")[:1]
+    r.conns = [c for p in proxies for c in p.connections]
+
+    with open(d / "owner.pkl", "rb") as f:
+        o = pickle.load(f)
+    with open(d / "client.pkl", "rb") as f:
+        c = pickle.load(f)
+    r.weights, r.t_shared = o["weights"], o["t_shared"]
+    r.sharings, r.queries = c["sharings"], c["queries"]
+    r.messages = _decode(o["messages"], "owner") + _decode(c["messages"], "client")
     r.image = np.load(d / "image.npy")
-    nweights = len(list((d / "weights").glob("secret_*.npy")))
-    wload = lambda name, k: np.load(d / "weights" / "{}_{}.npy".format(name, k))  # noqa: E731
-    r.w_secret = [wload("secret", k) for k in range(nweights)]
-    r.w_share2 = [wload("share2", k) for k in range(nweights)]
-    r.w_seeds = [(wload("seed0", k), wload("seed1", k)) for k in range(nweights)]
-    r.w_devices = json.loads((d / "weights" / "devices.json").read_text())
+    r.plain_logits = np.load(models / "tutorial_logits.npy")[:1]
     import keras
 
-    model = keras.models.load_model(models / "tutorial.keras", compile=False)
-    r.keras_weights = model.get_weights()
+    r.keras_weights = keras.models.load_model(models / "tutorial.keras",
+                                              compile=False).get_weights()
 
-    # Haystacks: raw and de-framed bytes, per connection and direction.
+    # Haystacks: compute streams raw and de-framed, API streams raw.
     t = time.monotonic()
-    r.hay = {}
-    r.complete = {}
-    for k, c in enumerate(r.connections):
+    r.hay, r.complete = {}, {}
+    for k, conn in enumerate(r.conns):
         for direction in ("to_worker", "from_worker"):
-            raw = c.data(direction)
-            data, complete = http2_data(raw)
-            r.complete[(k, direction)] = complete
-            r.hay[(k, direction)] = (Haystack(raw), Haystack(data))
+            raw = conn.data(direction)
+            if conn.link == "compute":
+                data, r.complete[(k, direction)] = http2_data(raw)
+                r.hay[(k, direction)] = [Haystack(raw), Haystack(data)]
+            else:
+                r.hay[(k, direction)] = [Haystack(raw)]
     r.index_time = time.monotonic() - t
     return r
 
 
-def view(r, i):
-    """Haystacks of everything worker i sent or received."""
+# -- views ---------------------------------------------------------------------------------
+def compute_view(r, i):
+    """Haystacks of every byte worker i sent or received on the compute links."""
+    return [h for k, c in enumerate(r.conns) if c.link == "compute"
+            and (c.worker == i or c.origin == WORKERS[i])
+            for d in ("to_worker", "from_worker") for h in r.hay[(k, d)]]
+
+
+def sent_between(r, j, i):
+    """Haystacks of the compute bytes worker j sent worker i."""
     out = []
-    for k, c in enumerate(r.connections):
-        if c.worker == i or c.origin == "w{}".format(i):
-            for direction in ("to_worker", "from_worker"):
-                out += list(r.hay[(k, direction)])
+    for k, c in enumerate(r.conns):
+        if c.link != "compute":
+            continue
+        if c.worker == i and c.origin == WORKERS[j]:
+            out += r.hay[(k, "to_worker")]
+        elif c.worker == j and c.origin == WORKERS[i]:
+            out += r.hay[(k, "from_worker")]
     return out
 
 
 def all_traffic(r):
-    return [h for pair in r.hay.values() for h in pair]
+    return [h for hs in r.hay.values() for h in hs]
 
 
-
-def through(r, i, origin, direction):
-    """Haystacks of the bytes in ``direction`` on connections ``origin`` opened to worker i."""
-    return [h for k, c in enumerate(r.connections) if c.worker == i and c.origin == origin
-            for h in r.hay[(k, direction)]]
-
-
-def phase_bytes(r, t0, t1):
-    """Bytes per (origin, worker, direction) between two times."""
-    out = collections.Counter()
-    for c in r.connections:
-        for direction in ("to_worker", "from_worker"):
-            out[(c.origin, c.worker, direction)] += c.nbytes(direction, t0, t1)
+def compute_payload(r, t0, t1, links=None):
+    """The compute bytes of the HTTP/2 DATA frames that arrived between t0 and t1, reassembled
+    per connection, direction and stream; ``links`` picks (connection, direction) pairs."""
+    out = []
+    for c in r.conns:
+        for d in ("to_worker", "from_worker"):
+            if c.link != "compute" or (links is not None and not links(c, d)):
+                continue
+            frames, _ = http2_data_frames(c.data(d))
+            times = c.arrival(d, [end for end, _, _ in frames])
+            out.append(join_streams([f for f, t in zip(frames, times) if t0 <= t <= t1]))
     return out
 
 
-WORKERS = {"w0", "w1", "w2"}  # names of the worker processes as connection origins
+def api_messages(r, i, method=None, kind=None, party=None):
+    return [m for m in r.messages if m["worker"] == i
+            and (method is None or m["method"] == method)
+            and (kind is None or m["kind"] == kind) and (party is None or m["party"] == party)]
+
+
+def message_view(r, i):
+    """Haystacks of every API message worker i received from or sent to the owner and the
+    client (serialized protobuf: what it decrypts from, or encrypts onto, its TLS links)."""
+    return [Haystack(m["data"]) for m in api_messages(r, i)]
+
+
+def submits(r, i):
+    """Worker i's Submit requests, in query order (the client sends one per query)."""
+    return [m["message"] for m in api_messages(r, i, "Submit", "request")]
+
+
+def answers(r, i):
+    """Worker i's ready Fetch replies, in query order."""
+    return [m["message"] for m in api_messages(r, i, "Fetch", "reply") if m["message"].ready]
+
+
+def arrays(msg_tensors):
+    from privatekeras import wire
+
+    return [wire.array(t) for t in msg_tensors]
+
+
+def output_shares(r, q):
+    """(y_0, y_1, y_2) of query q, from the workers' replies: worker i returned
+    (y_i, y_{i+1})."""
+    return tuple(arrays(answers(r, i)[q].shares)[0] for i in range(3))
+
+
+def reconstruct(shares):
+    with np.errstate(over="ignore"):
+        return shares[0] + shares[1] + shares[2]
+
+
+def phase_bytes(r, t0, t1):
+    """Bytes per (link, opener, worker, direction) between two times."""
+    out = collections.Counter()
+    for c in r.conns:
+        for direction in ("to_worker", "from_worker"):
+            out[(c.link, c.origin, c.worker, direction)] += c.nbytes(direction, t0, t1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -537,8 +290,8 @@ def chi_square_bytes(a):
 
 
 def chi_square_bound(df=255, z=4.7534):
-    """The chi-square quantile at one-sided p = 1e-6 (z = 4.7534), by Wilson-Hilferty:
-    a uniform byte source exceeds it once in a million trials. For 255 df it is ~377."""
+    """The chi-square quantile at one-sided p = 1e-6 (z = 4.7534), by Wilson-Hilferty: a
+    uniform byte source exceeds it once in a million trials. For 255 df it is ~377."""
     c = 2.0 / (9 * df)
     return df * (1 - c + z * np.sqrt(c)) ** 3
 
@@ -546,6 +299,15 @@ def chi_square_bound(df=255, z=4.7534):
 def wrapping_sum(a, b):
     with np.errstate(over="ignore"):
         return a + b
+
+
+def weight_windows(tensors):
+    """Windows of a list of weight tensors (every 8th window of the big ones: ~60,000 kernel
+    elements)."""
+    out = []
+    for a in tensors:
+        out += windows(a, 8 if a.size > 1000 else 1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -580,198 +342,316 @@ def test_wire_search_finds_tensors_split_across_http2_frames():
     assert not found([Haystack(data), Haystack(raw)], other)
 
 
-def test_the_private_answer_matches_plaintext_keras(run):
-    """The recorded query is a real one: the client's answer is the decoding of the output
-    shares it recorded, and it agrees with plaintext Keras (argmax and LOGIT_ATOL)."""
-    np.testing.assert_allclose(run.logits, (run.y_enc / SCALE).astype(np.float32), atol=1e-6)
-    assert run.logits.argmax(1).tolist() == run.plain_logits.argmax(1).tolist()
-    assert np.abs(run.logits - run.plain_logits).max() < LOGIT_ATOL
-    np.testing.assert_array_equal(run.x_enc, np.round(run.image * SCALE).astype(np.int64))
 
-
-def test_every_byte_a_worker_exchanges_is_recorded(run):
-    """Completeness of the recording, so that 'not found in the traffic' means 'never sent':
-
-    - sampled every 0.25 s, every TCP connection of every worker process (any state but
-      LISTEN) is either accepted on its private port (only the proxy knows it) or opened to
-      a proxy port: nothing bypasses the proxies (e.g. to the owner's or client's servers);
-    - every connection that carried a byte to a worker is attributed to the process that
-      opened it (the only unattributed ones are the cluster's TCP reachability probes,
-      which close at once and send nothing);
-    - workers talk to each other through the proxies too (the owner's cluster spec names
-      the proxy ports): in the query, each worker pulls data from the others;
-    - every recorded stream is a whole sequence of HTTP/2 frames.
-    Prints the measured bytes per phase."""
+def test_the_recorded_queries_are_real(run):
+    """The run answered three real queries: the client's logits are the decoding of the
+    answer shares the workers returned, they agree with plaintext Keras (argmax and
+    LOGIT_ATOL), and the client encoded its input as round(x * 2^16)."""
     r = run
-    assert not r.proxy_errors
-    assert r.audit.samples >= 20, r.audit.samples
-    assert not r.audit.unproxied, r.audit.unproxied
-    known = {"owner", "client"} | WORKERS
-    for c in r.connections:
-        if c.origin not in known:
-            assert c.nbytes("to_worker") == 0, (c.worker, c.origin, c.nbytes("to_worker"))
+    assert len(r.queries) == QUERIES
+    for q in range(QUERIES):
+        for i in range(3):
+            assert len(answers(r, i)) == QUERIES and len(submits(r, i)) == QUERIES
+        logits = r.queries[q]["logits"]
+        y = reconstruct(output_shares(r, q))
+        np.testing.assert_allclose(logits, (y / SCALE).astype(np.float32), atol=1e-6)
+        assert logits.argmax(1).tolist() == r.plain_logits.argmax(1).tolist()
+        assert np.abs(logits - r.plain_logits).max() < LOGIT_ATOL
+        np.testing.assert_array_equal(r.sharings[q]["encoded"],
+                                      np.round(r.image * SCALE).astype(np.int64))
+
+
+def test_every_byte_between_workers_goes_through_a_recording_proxy(run):
+    """Completeness of the recording, so that "not found on the wire" means "never sent":
+
+    - sampled every 0.2 s throughout the run, every established TCP connection of every
+      worker has one of this test's proxies at its other end, and is either accepted on the
+      worker's own API or compute port (which only its proxies know) or opened to a proxy
+      port: no worker ever talks to another directly (the workers' gRPC and TensorFlow
+      connections are long-lived, so none escapes the sampling);
+    - the owner and the client connect to the API proxies only (never a compute port);
+    - once all workers were up, every proxied connection reached its worker;
+    - every proxied connection is attributed to the process that opened it; only workers
+      open compute connections; every recorded compute stream is a whole sequence of HTTP/2
+      frames;
+    - positive control: each query's id (the step's argument) is found in what worker 0 sent
+      workers 1 and 2 on the compute links while that query was evaluated.
+    Prints the bytes per link and phase."""
+    r = run
+    # Worker 0 polls the others' APIs until they answer: while worker i starts, its API
+    # proxy may find nobody behind it. After that, no proxy ever failed to connect.
+    assert all("Connection refused" in e for _, e in r.proxy_errors), r.proxy_errors
+    assert not [e for t, e in r.proxy_errors if t > r.t_ready], r.proxy_errors
+    known = {"owner", "client"} | set(WORKERS)
+    for name, least in (("w0", 20), ("w1", 20), ("w2", 20), ("owner", 10), ("client", 3)):
+        assert r.audit.samples[name] >= least, r.audit.samples
+    for i, w in enumerate(WORKERS):
+        assert r.audit.links[w], w
+        bad = [(lport, rport, peer) for lport, rport, peer in r.audit.links[w]
+               if peer != "test" or not (lport in (r.R[i], r.Q[i]) or rport in r.A + r.P)]
+        assert not bad, (w, bad)
+    for party in ("owner", "client"):
+        assert r.audit.links[party]
+        bad = [link for link in r.audit.links[party] if link[1] not in r.A or link[2] != "test"]
+        assert not bad, (party, bad)
+    assert {c.origin for c in r.conns} <= known, {c.origin for c in r.conns}
+    assert {c.origin for c in r.conns if c.link == "compute"} <= set(WORKERS)
     assert all(r.complete.values()), [k for k, v in r.complete.items() if not v]
 
-    t_query = (r.t_split, r.t_reconstruct + 0.2)  # the proxies may stamp a little late
-    phases = [("sharing the weights", None, r.t_shared),
-              ("tracing + serving set-up, client connecting", r.t_shared, t_query[0]),
-              ("one query (the first: it also instantiates the step's functions on the "
-               "workers)", t_query[0], t_query[1])]
-    print("\nbytes through each worker's proxy (to worker / from worker):")
+    for q, query in enumerate(r.queries):
+        qid = submits(r, 0)[q].query_id.encode()
+        for i in (1, 2):
+            sent = compute_payload(r, query["t_start"], query["t_end"], lambda c, d: (
+                (d, c.worker, c.origin) in (("to_worker", i, "w0"),
+                                            ("from_worker", 0, WORKERS[i]))))
+            assert any(qid in data for data in sent), (q, i)
+
+    phases = [("sharing the weights, tracing and warming up the step", r.t_ready, r.t_shared),
+              ("query 0 (includes the client's start)", r.t_shared, r.queries[0]["t_end"])]
+    phases += [("query {}".format(q), r.queries[q]["t_start"], r.queries[q]["t_end"])
+               for q in range(1, QUERIES)]
+    print("\nbytes through each worker's proxies (to worker / from worker):")
     for name, t0, t1 in phases:
         b = phase_bytes(r, t0, t1)
-        print("  {}:".format(name))
-        for origin in ["owner", "client", "w0", "w1", "w2"]:
-            cells = ["w{} {:>9,} / {:>9,}".format(i, b[(origin, i, "to_worker")],
-                                                   b[(origin, i, "from_worker")])
-                     for i in range(3) if origin != "w{}".format(i)]
-            print("    from {:<6} ".format(origin) + " | ".join(cells))
-    q = phase_bytes(r, *t_query)
-    w2w = sum(v for (o, _, _), v in q.items() if o in WORKERS)
-    print("  worker<->worker bytes in the query: {:,}".format(w2w))
-    print("  timeline (s): workers ready {:.1f}, weights shared {:.1f}, query sent {:.1f}, "
-          "answered {:.1f}, all stopped {:.1f}; indexing the bytes {:.1f}".format(
-              *(t - r.t_start for t in (r.t_ready, r.t_shared, r.t_split, r.t_reconstruct,
-                                        r.t_start + r.elapsed_run)), r.index_time))
-    for i in range(3):
-        # Worker i served other workers' requests during the step, and asked them itself.
-        assert sum(q[("w{}".format(j), i, "from_worker")] for j in range(3) if j != i) > 0
-        assert sum(q[("w{}".format(i), j, "from_worker")] for j in range(3) if j != i) > 0
+        print("  {} ({:.2f} s):".format(name, t1 - t0))
+        for link in ("api", "compute"):
+            for origin in ["owner", "client"] + list(WORKERS):
+                cells = ["w{} {:>9,} / {:>9,}".format(i, b[(link, origin, i, "to_worker")],
+                                                       b[(link, origin, i, "from_worker")])
+                         for i in range(3) if origin != WORKERS[i]]
+                if any(b[(link, origin, i, d)] for i in range(3)
+                       for d in ("to_worker", "from_worker")):
+                    print("    {:<7} from {:<6} ".format(link, origin) + " | ".join(cells))
+    print("  the owner's output:\n    " + "\n    ".join(r.owner_output.splitlines()[-8:]))
+    print("  timeline (s): workers ready {:.1f}, weights shared {:.1f}, last answer {:.1f}, "
+          "run {:.1f}; indexing {:.2f}".format(r.t_ready - r.t_start, r.t_shared - r.t_start,
+                                               r.queries[-1]["t_end"] - r.t_start,
+                                               r.elapsed_run, r.index_time))
 
 
-def test_each_worker_receives_its_two_input_shares_and_never_the_third(run):
-    """Worker i is sent exactly (x_i, x_{i+1}) of the client's input shares: every window
-    of both is found in what the client sent to worker i (positive control: the recording
-    and search see tensors), and no window of x_{i+2} appears anywhere in worker i's view
-    (all it received or sent, from the client, the owner and the other workers). Without
-    x_{i+2}, worker i's shares are independent of the input."""
+def test_the_api_links_are_tls_on_the_wire(run):
+    """Every recorded API connection (owner, client and workers to a worker's API) is TLS
+    1.3 from its first byte to its last: both directions are whole sequences of TLS records,
+    each opens with one handshake record (ClientHello / ServerHello) and all that follows is
+    encrypted (application data, plus the compatibility change-cipher-spec), so even the
+    certificates (names, roles) cross encrypted. Nothing readable is on these links:
+
+    - no HTTP/2 connection preface, which opens every plaintext gRPC connection (control: it
+      opens every recorded compute connection, TensorFlow's plaintext gRPC);
+    - no query id, model id or piece of the model spec, although the message-level records
+      show every one of them was sent over exactly these connections;
+    - no window of any input, weight or answer share, although every one of them is in the
+      messages."""
     r = run
-    for i in range(3):
-        mine, nxt, third = r.x[i], r.x[(i + 1) % 3], r.x[(i + 2) % 3]
-        np.testing.assert_array_equal(r.x_pairs[i][0], mine)
-        np.testing.assert_array_equal(r.x_pairs[i][1], nxt)
-        sent = through(r, i, "client", "to_worker")
-        for share in (mine, nxt):
-            needles = windows(share)
-            assert len(needles) > 700
-            assert found(sent, needles) == set(needles), "worker {} missed a share".format(i)
-        assert not found(view(r, i), windows(third)), (
-            "worker {} saw the third input share x_{}".format(i, (i + 2) % 3))
+    api = [(k, c) for k, c in enumerate(r.conns) if c.link == "api"]
+    assert {c.origin for _, c in api} == {"owner", "client"} | set(WORKERS)
+    for k, c in api:
+        for direction in ("to_worker", "from_worker"):
+            records, complete = tls_records(c.data(direction))
+            where = (c.worker, c.origin, direction)
+            assert complete and records, where
+            assert records[0][0] == 22, (where, records[0])  # handshake
+            assert {t for t, _, _ in records[1:]} <= {20, 21, 23}, where
+            assert any(t == 23 for t, _, _ in records), where
+            assert all(v == 0x0303 for _, v, _ in records[1:]), where
+    for k, c in enumerate(r.conns):
+        if c.link == "compute":
+            assert c.data("to_worker").startswith(PREFACE), (c.worker, c.origin)
+
+    raw = [h for k, _ in api for d in ("to_worker", "from_worker") for h in r.hay[(k, d)]]
+    uploads = [m["message"] for m in r.messages if m["method"] == "Upload"
+               and m["kind"] == "request"]
+    spec = next(u.spec_json for u in uploads if u.spec_json)
+    submitted = [m["message"] for m in r.messages if m["method"] == "Submit"
+                 and m["kind"] == "request"]
+    sent = [spec[i:i + 32].encode() for i in range(0, len(spec) - 32, 32)]
+    sent += [submitted[0].model_id.encode()] + [m.query_id.encode() for m in submitted]
+    for marker in sent:
+        assert any(marker in m["data"] for m in r.messages), marker  # they were sent ...
+    for marker in sent + [PREFACE]:
+        assert not any(marker in h.data for h in raw), marker  # ... and cannot be read
+    shares = [n for s in r.sharings for a in s["shares"] for n in windows(a)]
+    shares += [n for q in range(QUERIES) for y in output_shares(r, q) for n in windows(y)]
+    shares += weight_windows([a for w in r.weights for a in w["shares"]])
+    assert found([Haystack(m["data"]) for m in r.messages], shares) == set(shares)
+    assert not found(raw, shares)
 
 
-def test_each_worker_returns_its_two_output_shares_and_never_sees_the_third(run):
-    """Worker i returns (y_i, y_{i+1}) of the answer to the client (found in its responses
-    to the client), and no window of y_{i+2} appears anywhere in worker i's view: no single
-    worker ever holds all three output shares."""
+def test_each_worker_receives_exactly_its_two_input_shares(run):
+    """Message level: for every query the client sends worker i exactly (s_i, s_{i+1}) of the
+    input's shares (s_0 + s_1 + s_2 = the encoded input), under one query id for all three
+    and a different fetch digest each; the replicas agree (worker i's second share is worker
+    i+1's first). No window of the third share s_{i+2} is in anything worker i received or
+    sent: its API messages and every byte of its compute links."""
     r = run
+    for q in range(QUERIES):
+        s = r.sharings[q]["shares"]
+        np.testing.assert_array_equal(reconstruct(s), r.sharings[q]["encoded"])
+        requests = [submits(r, i)[q] for i in range(3)]
+        assert len({m.query_id for m in requests}) == 1
+        assert len({m.fetch_digest for m in requests}) == 3
+        for i in range(3):
+            pair = arrays(requests[i].shares)
+            assert len(pair) == 2
+            np.testing.assert_array_equal(pair[0], s[i])
+            np.testing.assert_array_equal(pair[1], s[(i + 1) % 3])
+            assert requests[i].shares[1].data == requests[(i + 1) % 3].shares[0].data
     for i in range(3):
-        mine, nxt, third = r.y[i], r.y[(i + 1) % 3], r.y[(i + 2) % 3]
-        np.testing.assert_array_equal(r.y_pairs[i][1], nxt)
-        returned = through(r, i, "client", "from_worker")
-        for share in (mine, nxt):
-            needles = windows(share)
-            assert len(needles) == 3
-            assert found(returned, needles) == set(needles)
-        assert not found(view(r, i), windows(third)), (
-            "worker {} saw the third output share y_{}".format(i, (i + 2) % 3))
+        third = [n for q in range(QUERIES) for n in windows(r.sharings[q]["shares"][(i + 2) % 3])]
+        assert len(third) > 700 * QUERIES
+        assert not found(message_view(r, i), third), "worker {} was sent s_{}".format(
+            i, (i + 2) % 3)
+        assert not found(compute_view(r, i), third), "worker {} saw s_{} on the wire".format(
+            i, (i + 2) % 3)
 
 
-def test_neither_the_clear_input_nor_the_clear_answer_is_on_the_wire(run):
-    """No window of the input image (as fixed-point int64, float32 or float64) or of the
-    answer (fixed-point int64 as reconstructed by the client, float32 and float64 logits)
-    appears in any byte any worker sent or received, in any phase."""
+def test_each_worker_returns_its_two_answer_shares_and_never_sees_the_third(run):
+    """Message level: worker i answers the client's Fetch with (y_i, y_{i+1}) and the replicas
+    agree (worker i's y_{i+1} is worker i+1's first share). No window of y_{i+2} is in
+    anything worker i received or sent (API messages, compute links): no single worker ever
+    holds all three answer shares."""
     r = run
+    for q in range(QUERIES):
+        for i in range(3):
+            mine = answers(r, i)[q].shares
+            nxt = answers(r, (i + 1) % 3)[q].shares
+            assert len(mine) == 2 and mine[1].data == nxt[0].data
+    for i in range(3):
+        third = [n for q in range(QUERIES) for n in windows(output_shares(r, q)[(i + 2) % 3])]
+        assert len(third) == 3 * QUERIES
+        assert not found(message_view(r, i), third)
+        assert not found(compute_view(r, i), third)
+
+
+def test_each_worker_receives_exactly_its_two_shares_of_every_weight(run):
+    """Message level: the owner's upload to worker i is the public spec (architecture and
+    shapes, no weight) followed by, for each of the 8 weight tensors, exactly (w_i, w_{i+1})
+    of its shares (w_0 + w_1 + w_2 = round(w * 2^16)); the replicas agree. No window of the
+    third share w_{i+2} of any weight is in anything worker i received or sent (API messages,
+    compute links)."""
+    import json
+
+    r = run
+    assert len(r.weights) == len(r.keras_weights) == 8
+    for w, kw in zip(r.weights, r.keras_weights):
+        np.testing.assert_array_equal(reconstruct(w["shares"]), w["encoded"])
+        assert w["encoded"].size == kw.size
+        assert np.abs(np.sort(w["encoded"].reshape(-1)) - np.sort(np.round(
+            kw.astype(np.float64) * SCALE).reshape(-1))).max() <= 1
+    chunks = [[m["message"] for m in api_messages(r, i, "Upload", "request")] for i in range(3)]
+    for i in range(3):
+        head, body = chunks[i][0], chunks[i][1:]
+        assert head.spec_json and not head.weights
+        spec = json.loads(head.spec_json)
+        assert set(spec) == {"model_id", "name", "protocol", "batch_size", "input_shape",
+                             "output_shape", "output_activation", "fixed_point", "max_group",
+                             "layers"}
+        assert all(set(layer) == {"kind", "name", "params", "weight_shapes"}
+                   for layer in spec["layers"])
+        assert len(body) == len(r.weights) and not any(c.spec_json for c in body)
+        for k, (chunk, w) in enumerate(zip(body, r.weights)):
+            pair = arrays(chunk.weights)
+            assert len(pair) == 2
+            np.testing.assert_array_equal(pair[0], w["shares"][i])
+            np.testing.assert_array_equal(pair[1], w["shares"][(i + 1) % 3])
+            assert chunk.weights[1].data == chunks[(i + 1) % 3][1 + k].weights[0].data
+    for i in range(3):
+        third = weight_windows([w["shares"][(i + 2) % 3] for w in r.weights])
+        assert len(third) > 3000
+        assert not found(message_view(r, i), third), "worker {} was sent w_{}".format(
+            i, (i + 2) % 3)
+        assert not found(compute_view(r, i), third), "worker {} saw w_{}".format(i, (i + 2) % 3)
+
+
+def test_workers_never_send_each_other_an_input_or_weight_share(run):
+    """Stronger than "never the third share": in ABY3 a worker's input and weight shares are
+    only ever used locally (products are re-shared as z_i = local products + a fresh zero
+    share, truncation sends masked values), so no window of any input share s_j or any weight
+    share w_j appears on any compute link at all.
+
+    Positive control on this very traffic: the search finds what ABY3 does send. The answer
+    is the last truncation's output t plus the bias, y_j = t_j + b_j; worker 2, which holds
+    (y_2, y_0), is sent t_2 by worker 1 (t_2 is PRF output under the key workers 1 and 2
+    share; TF Encrypted 0.9.1 reads worker 1's copy rather than computing its own), so every
+    window of y_2 - b_2 is found on the link from worker 1 to worker 2, in every query."""
+    r = run
+    compute = [h for k, c in enumerate(r.conns) if c.link == "compute"
+               for d in ("to_worker", "from_worker") for h in r.hay[(k, d)]]
+    inputs = [n for s in r.sharings for a in s["shares"] for n in windows(a)]
+    weights = weight_windows([a for w in r.weights for a in w["shares"]])
+    assert not found(compute, inputs)
+    assert not found(compute, weights)
+
+    bias = r.weights[-1]["shares"][2]
+    for q in range(QUERIES):
+        t = windows(wrapping_sum(output_shares(r, q)[2], -bias))
+        assert len(t) == 3
+        assert found(sent_between(r, 1, 2), t) == set(t), q
+
+
+def test_no_clear_value_is_on_any_link_or_in_any_message(run):
+    """No window of the input image (fixed-point int64, float32, float64), of the answer
+    (fixed-point as reconstructed, float32 logits, float64) or of any weight (the owner's
+    fixed-point encoding, round(w * 2^16) recomputed here, float32, float64, float64 * 2^16)
+    is in any recorded byte (compute links raw and de-framed, API links) or in any API
+    message the owner or the client exchanged with a worker."""
+    r = run
+    y_enc = reconstruct(output_shares(r, 0))
     needles = {
-        "input fixed-point": windows(r.x_enc),
+        "input fixed-point": windows(r.sharings[0]["encoded"]),
         "input float32": windows(r.image.astype(np.float32)),
         "input float64": windows(r.image.astype(np.float64)),
-        "answer fixed-point": windows(r.y_enc),
-        "answer float32": windows(r.logits.astype(np.float32)),
-        "answer float64": windows(r.y_enc / SCALE),
+        "answer fixed-point": windows(y_enc),
+        "answer float32": windows(r.queries[0]["logits"].astype(np.float32)),
+        "answer float64": windows(y_enc / SCALE),
     }
-    everything = all_traffic(r)
-    for name, ns in needles.items():
-        assert len(ns) >= (3 if name.startswith("answer") else 100), (name, len(ns))
-        hits = found(everything, ns)
-        assert not hits, "{}: {} of {} windows found on the wire".format(name, len(hits), len(ns))
-
-
-def test_the_clear_weights_never_reach_a_worker_and_no_worker_gets_all_their_shares(run):
-    """The owner's weights are shared in its own process. For every weight tensor:
-
-    - TFE's fixed-point encoding (as recorded in the owner, and as recomputed here as
-      round(w * 2^16)), the float32 Keras weights and their float64 form never appear in any
-      worker's traffic;
-    - replicated sharing is as ABY3 prescribes, seen on the wire: worker 0 receives seed0
-      and seed1 (which expand to share0, share1), worker 1 seed1 and share2, worker 2 share2
-      and seed0 (positive controls), and no worker's view contains the third piece: not
-      share2 for worker 0, not seed0 for worker 1, not seed1 for worker 2."""
-    r = run
-    assert len(r.w_secret) == len(r.keras_weights) == 8
-    for devices in r.w_devices:  # encoding, share2 and seeds live in the owner's process
-        assert all("/job:localhost/" in dev for dev in devices), devices
-    for secret, w in zip(r.w_secret, r.keras_weights):
-        assert secret.size == w.size
-        ours = np.round(w.astype(np.float64) * SCALE).reshape(-1)
-        assert np.abs(secret.reshape(-1) - ours).max() <= 1
-
     clear = []
-    for secret, w in zip(r.w_secret, r.keras_weights):
-        step = WINDOW if w.size > 1000 else 1
-        clear += windows(secret, step)
-        clear += windows(np.round(w.astype(np.float64) * SCALE).astype(np.int64), step)
-        clear += windows(w.astype(np.float32), step)
-        clear += windows(w.astype(np.float64), step)
-        clear += windows(w.astype(np.float64) * SCALE, step)
-    clear = list(set(clear))
-    assert len(clear) > 10000
-    hits = found(all_traffic(r), clear)
-    assert not hits, "{} windows of clear weights found on the wire".format(len(hits))
-
-    share2 = [n for s in r.w_share2 for n in windows(s, WINDOW if s.size > 1000 else 1)]
-    seed0 = [s0.tobytes() for s0, _ in r.w_seeds]
-    seed1 = [s1.tobytes() for _, s1 in r.w_seeds]
-    assert all(len(s) == 32 for s in seed0 + seed1) and len(set(seed0 + seed1)) == 16
-    gets = {0: (seed0, seed1), 1: (seed1, share2), 2: (share2, seed0)}
-    never = {0: share2, 1: seed0, 2: seed1}
-    for i in range(3):
-        sent = through(r, i, "owner", "to_worker")
-        for piece in gets[i]:
-            assert found(sent, piece) == set(piece), "worker {} missed a weight share".format(i)
-        hits = found(view(r, i), never[i])
-        assert not hits, "worker {} saw {} windows of a third weight share".format(i, len(hits))
+    for w, kw in zip(r.weights, r.keras_weights):
+        clear += weight_windows([w["encoded"], np.round(kw.astype(np.float64) * SCALE).astype(
+            np.int64), kw.astype(np.float32), kw.astype(np.float64),
+            kw.astype(np.float64) * SCALE])
+    needles["weights"] = list(set(clear))
+    haystacks = all_traffic(r) + [Haystack(m["data"]) for m in r.messages]
+    hits = found(haystacks, [n for ns in needles.values() for n in ns])
+    for name, ns in needles.items():
+        assert len(ns) >= {"answer": 3, "input": 100, "weights": 10000}[name.split()[0]], (
+            name, len(ns))
+        assert not hits & set(ns), "{}: {} of {} windows found".format(
+            name, len(hits & set(ns)), len(ns))
 
 
 def test_shares_look_uniform_and_the_clear_encoding_does_not(run):
-    """What each worker holds is statistically uniform, and the same statistics reject the
-    clear encodings (so the test can fail):
+    """What each worker holds reconstructs nothing on its own: it is statistically uniform,
+    and the same statistics reject the clear encodings (so the test can fail):
 
-    - input shares x_j and each worker's pair sum x_i + x_{i+1} (= input - x_{i+2}), and the
-      weights' share2 (all weights): every one of the 64 bit positions is 1 with frequency
-      0.5 +- 0.1 (> 5 standard deviations for these sizes), and the byte-value chi-square
-      (255 df) is below its p = 1e-6 quantile (~377). The clear input fails both; the clear
-      weights pass the bit test (signed values symmetric about 0 set the high bits about half
-      the time) but fail the chi-square by orders of magnitude, which is why both are used;
-    - output shares (10 values only): the pooled bit frequency is 0.5 +- 0.1, and at most a
+    - input shares s_j and each worker's pair sum s_i + s_{i+1} (= input - s_{i+2}), and each
+      of the weights' shares w_j (all weights): every one of the 64 bit positions is 1 with
+      frequency 0.5 +- 0.1 (> 5 standard deviations at these sizes), and the byte-value
+      chi-square (255 df) is below its p = 1e-6 quantile (~377). The clear input fails both;
+      the clear weights pass the bit test (signed values symmetric about 0 set the high bits
+      about half the time) but fail the chi-square by orders of magnitude;
+    - answer shares (10 values only): the pooled bit frequency is 0.5 +- 0.1, and at most a
       quarter of the top 4 bytes of each value are 0x00/0xff (uniform: ~0.8%; a small
       fixed-point number: all of them)."""
     r = run
     bound = chi_square_bound()
-    big = {"x{}".format(j): r.x[j] for j in range(3)}
-    big.update({"x{}+x{}".format(i, (i + 1) % 3): wrapping_sum(r.x[i], r.x[(i + 1) % 3])
+    s = r.sharings[0]["shares"]
+    big = {"s{}".format(j): s[j] for j in range(3)}
+    big.update({"s{}+s{}".format(i, (i + 1) % 3): wrapping_sum(s[i], s[(i + 1) % 3])
                 for i in range(3)})
-    big["weights share2"] = np.concatenate([s.reshape(-1) for s in r.w_share2])
+    for j in range(3):
+        big["weights w{}".format(j)] = np.concatenate([w["shares"][j].reshape(-1)
+                                                       for w in r.weights])
     for name, a in big.items():
-        f = bit_frequencies(a)
-        chi = chi_square_bytes(a)
+        f, chi = bit_frequencies(a), chi_square_bytes(a)
         print("{:>15}: bit frequencies {:.3f}..{:.3f}, chi-square {:.0f} (bound {:.0f})".format(
             name, f.min(), f.max(), chi, bound))
         assert np.all(np.abs(f - 0.5) <= 0.1), (name, f)
         assert chi < bound, (name, chi)
-    for name, a in {"input": r.x_enc,
-                    "weights": np.concatenate([s.reshape(-1) for s in r.w_secret])}.items():
-        f = bit_frequencies(a)
-        chi = chi_square_bytes(a)
+    clear = {"input": r.sharings[0]["encoded"],
+             "weights": np.concatenate([w["encoded"].reshape(-1) for w in r.weights])}
+    for name, a in clear.items():
+        f, chi = bit_frequencies(a), chi_square_bytes(a)
         print("{:>15}: bit frequencies {:.3f}..{:.3f}, chi-square {:.0f} (clear)".format(
             name, f.min(), f.max(), chi))
         assert chi > 10 * bound, name
@@ -782,49 +662,84 @@ def test_shares_look_uniform_and_the_clear_encoding_does_not(run):
         top = np.frombuffer(np.ascontiguousarray(a).tobytes(), np.uint8).reshape(-1, 8)[:, 4:]
         return float(np.isin(top, [0, 255]).mean())
 
-    small = {"y{}".format(j): r.y[j] for j in range(3)}
-    small.update({"y{}+y{}".format(i, (i + 1) % 3): wrapping_sum(r.y[i], r.y[(i + 1) % 3])
+    y = output_shares(r, 0)
+    small = {"y{}".format(j): y[j] for j in range(3)}
+    small.update({"y{}+y{}".format(i, (i + 1) % 3): wrapping_sum(y[i], y[(i + 1) % 3])
                   for i in range(3)})
     for name, a in small.items():
         f = bit_frequencies(a).mean()
         assert abs(f - 0.5) <= 0.1, (name, f)
         assert top_bytes_extreme(a) <= 0.25, (name, top_bytes_extreme(a))
-    assert top_bytes_extreme(r.y_enc) == 1.0
+    assert top_bytes_extreme(reconstruct(y)) == 1.0
 
 
-def test_workers_run_our_kernels_and_listen_on_loopback_only(run):
-    """The secure kernels are the ones in use on every worker:
-
-    - each worker process has privatekeras' kernel library (ChaCha20 CSPRNG, ABY3 bit ops)
-      and the loopback bind() interposer mapped (/proc/<pid>/maps);
-    - the interposer is in effect: each worker listens on 127.0.0.1:Q_i and nothing else;
-    - what the owner sent each worker to run names our random ops (PkSecureSeed,
-      PkSeededRandomUniform, as the protobuf field ``op``/``name`` = tag 0x12, length, name)
-      and no stock TensorFlow random or seed op anywhere, including the bodies of the
-      traced step's loops (test_invariants checks the traced graph on the owner's side; this
-      checks what actually reached the workers)."""
+def test_workers_run_our_kernels_and_listen_where_they_should(run):
+    """- Each worker process has privatekeras' kernel library (pk_ops.so: ChaCha20 CSPRNG,
+      ABY3 bit ops) and the loopback bind() interposer (pk_loopback.so) mapped;
+    - each listens on exactly two ports: its compute port Q_i on 127.0.0.1 only, and its API
+      port R_i where its --hosts entry says (localhost: loopback addresses), nothing else;
+    - what worker 0 sent workers 1 and 2 to run names our random ops (PkSecureSeed,
+      PkSeededRandomUniform; protobuf field ``op`` = tag 0x12, length, name) and no stock
+      TensorFlow random or seed op."""
     import tensorflow as tf
-    from privatekeras.kernels.build import default_library_path, loopback_library_path
+    from privatekeras.deploy.listening import is_loopback
 
     r = run
-    kernels = os.path.realpath(default_library_path())
-    shim = os.path.realpath(loopback_library_path())
-    for i, maps in enumerate(r.maps):
-        assert kernels in maps, "worker {} has not loaded {}".format(i, kernels)
-        assert shim in maps, "worker {} runs without the loopback interposer".format(i)
-        assert r.audit.listening[i] == {("0100007F", r.Q[i])}, (i, r.audit.listening[i])
+    for i, w in enumerate(WORKERS):
+        assert r.kernels in r.maps[w], "worker {} has not loaded {}".format(i, r.kernels)
+        assert r.shim in r.maps[w], "worker {} runs without the loopback interposer".format(i)
+        listening = r.audit.listening[w]
+        assert {port for _, _, port in listening} == {r.R[i], r.Q[i]}, (w, listening)
+        assert {s for s in listening if s[2] == r.Q[i]} == {("ipv4", "127.0.0.1", r.Q[i])}
+        assert all(is_loopback(family, address) for family, address, _ in listening)
+    for party in ("owner", "client"):
+        assert r.audit.listening[party] == set(), (party, r.audit.listening[party])
 
     def op_field(name):
         return b"\x12" + bytes([len(name)]) + name.encode()
 
     stock = [n for n in dir(tf.raw_ops)
-             if re.search("Random|Seed|Stateless|Multinomial|TruncatedNormal|Rng", n)]
+             if re.search("Random|Seed|Stateless|Multinomial|TruncatedNormal|Rng|Shuffle", n)]
     assert "RandomUniformInt" in stock and "StatelessRandomUniformV2" in stock
-    for i in range(3):
-        sent = b"".join(r.hay[(k, "to_worker")][1].data for k, c in enumerate(r.connections)
-                        if c.worker == i and c.origin == "owner")  # de-framed
+    for i in (1, 2):
+        sent = b"".join(h.data for h in sent_between(r, 0, i))
         assert sent.count(op_field("PkSecureSeed")) > 0, i
         assert sent.count(op_field("PkSeededRandomUniform")) > 0, i
-        everything = b"".join(h.data for k, c in enumerate(r.connections) if c.worker == i
-                              for h in r.hay[(k, "to_worker")])
-        assert not [n for n in stock if op_field(n) in everything], i
+        assert not [n for n in stock if op_field(n) in sent], i
+
+
+def test_identical_queries_get_fresh_masks_and_fresh_answer_shares(run):
+    """ABY3's pairwise PRF keys are drawn afresh in every step. Queries 1 and 2 carry
+    byte-identical shares (the client reuses one share set), so everything the workers hold
+    for them is identical; still:
+
+    - no random-looking 64-byte chunk (>= 40 distinct byte values: masked shares, PRF
+      output; one every 64 bytes, so any repeated region of 127 bytes is caught) of the
+      worker-to-worker payloads of one step occurs anywhere in the other step's payloads:
+      every mask is new (keys made once would replay the same zero shares, so the
+      first products' re-sharing and truncation messages would repeat byte for byte);
+    - each of the answer shares y_0, y_1, y_2 differs in every element between the two
+      queries, while both reconstruct to the same logits (up to truncation noise)."""
+    r = run
+    a, b = SAME_FROM, SAME_FROM + 1
+    for i in range(3):
+        sa, sb = submits(r, i)[a], submits(r, i)[b]
+        assert [t.data for t in sa.shares] == [t.data for t in sb.shares]
+        assert sa.query_id != sb.query_id
+    payloads = [compute_payload(r, r.queries[q]["t_start"], r.queries[q]["t_end"])
+                for q in (a, b)]
+    chunks = [[c for p in payload for c in random_looking_chunks(p)] for payload in payloads]
+    repeated = [found([Haystack(p) for p in payloads[1 - k]], chunks[k]) for k in (0, 1)]
+    print("random-looking 64-byte chunks in the worker-to-worker payloads: step {} {:,}, "
+          "step {} {:,}; found in the other step: {:,} / {:,}".format(
+              a, len(chunks[0]), b, len(chunks[1]), len(repeated[0]), len(repeated[1])))
+    assert min(len(c) for c in chunks) > 1000
+    ya, yb = output_shares(r, a), output_shares(r, b)
+    same = {j: int(np.sum(ya[j] == yb[j])) for j in range(3)}
+    print("answer shares y_0, y_1, y_2: elements equal between the two queries: {}".format(same))
+    assert not repeated[0] and not repeated[1] and not any(same.values()), (
+        "identical queries: {} / {} random-looking chunks of the worker-to-worker payloads "
+        "repeat, answer-share elements equal: {}".format(len(repeated[0]), len(repeated[1]),
+                                                          same))
+    np.testing.assert_allclose(reconstruct(ya) / SCALE, reconstruct(yb) / SCALE, atol=1e-3)
+

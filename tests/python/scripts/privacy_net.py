@@ -1,0 +1,505 @@
+"""Helpers of the privacy and invariant tests (test_privacy.py, test_invariants.py): recording
+TCP proxies, who owns which socket (/proc), a socket audit, HTTP/2 and TLS framing, and the
+windowed byte search. Imported by the tests (this directory is put on sys.path), not run.
+"""
+
+import collections
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+WINDOW = 8  # elements per needle window
+
+
+# ----------------------------------------------------------------------------------------
+# Ports and processes
+# ----------------------------------------------------------------------------------------
+def _free(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+# Not the `random` module: the models fixture seeds it, so every pytest session on this machine
+# would pick the same ports.
+_PORTS = random.SystemRandom()
+
+
+def free_ports(n, avoid=()):
+    """``n`` distinct free loopback ports below the ephemeral range (32768+), so that no
+    outgoing connection takes one before the process meant to bind it does."""
+    ports = []
+    while len(ports) < n:
+        port = _PORTS.randrange(20000, 32700)
+        if port not in ports and port not in avoid and _free(port):
+            ports.append(port)
+    return ports
+
+
+def make_credentials(runtime, hosts, copies=()):
+    """Throw-away credentials of a local cluster (``deploy.pki.make_local``) for ``hosts``, in
+    the runtime directory ``runtime`` (the children get PRIVATEKERAS_RUNTIME_DIR=runtime);
+    and the same files under each hosts list of ``copies``: a worker finds its credentials by
+    the hosts list it is given, so one told other addresses for itself needs its own copy."""
+    from privatekeras.deploy.pki import local_dir, make_local
+
+    saved = os.environ.get("PRIVATEKERAS_RUNTIME_DIR")
+    os.environ["PRIVATEKERAS_RUNTIME_DIR"] = runtime
+    try:
+        make_local(hosts)
+        for other in copies:
+            shutil.copytree(local_dir(hosts), local_dir(other))
+    finally:
+        if saved is None:
+            del os.environ["PRIVATEKERAS_RUNTIME_DIR"]
+        else:
+            os.environ["PRIVATEKERAS_RUNTIME_DIR"] = saved
+
+
+class Lines(threading.Thread):
+    """Reads a process's output, keeping each line with its CLOCK_MONOTONIC time."""
+
+    def __init__(self, proc):
+        super().__init__(daemon=True)
+        self.proc, self.lines = proc, []
+        self.start()
+
+    def run(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def first(self, prefix):
+        return next((line for _, line in self.lines if line.startswith(prefix)), None)
+
+    def text(self, tail=3000):
+        return "\n".join(line for _, line in self.lines)[-tail:]
+
+
+def popen(cmd, env):
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def worker_cmd(hosts, index, compute, compute_port=None):
+    """``python -m privatekeras worker ...`` exactly as an operator starts a worker by hand;
+    it dies with this process (--parent-pid)."""
+    cmd = [sys.executable, "-m", "privatekeras", "worker", "--hosts", ",".join(hosts),
+           "--index", str(index), "--compute", ",".join(compute),
+           "--parent-pid", str(os.getpid())]
+    if compute_port is not None:
+        cmd += ["--compute-port", str(compute_port)]
+    return cmd
+
+
+def stop(procs, timeout=10):
+    """End the processes we started (each by its own Popen handle)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def wait_for(what, condition, procs, timeout, report):
+    """Poll ``condition`` until true; fail (with ``report()``) on timeout or when one of
+    ``procs`` exits."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        dead = [p.args for p in procs if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            raise AssertionError("{}: {}\n{}".format(
+                what, "exited: {}".format(dead) if dead else "timed out", report()))
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------------------
+# /proc: sockets and their owners
+# ----------------------------------------------------------------------------------------
+def tcp_table():
+    """Rows ``(local_addr, local_port, remote_addr, remote_port, state, inode)`` of
+    /proc/net/tcp and tcp6 (addresses in the kernel's hex form)."""
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            parts = line.split()
+            laddr, lport = parts[1].rsplit(":", 1)
+            raddr, rport = parts[2].rsplit(":", 1)
+            rows.append((laddr, int(lport, 16), raddr, int(rport, 16), parts[3], int(parts[9])))
+    return rows
+
+
+def socket_inodes(pid):
+    inodes = set()
+    try:
+        fds = os.listdir("/proc/{}/fd".format(pid))
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink("/proc/{}/fd/{}".format(pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def maps(pid):
+    with open("/proc/{}/maps".format(pid)) as f:
+        return f.read()
+
+
+class Names:
+    """The processes of a run by name, to attribute sockets; "test" is this process (where
+    the proxies run)."""
+
+    def __init__(self):
+        self.pids = {"test": os.getpid()}
+
+    def owner_of_inode(self, inode, cache=None):
+        for name, pid in list(self.pids.items()):
+            inodes = cache[name] if cache is not None else socket_inodes(pid)
+            if inode in inodes:
+                return name
+        return None
+
+    def opener(self, local_port, remote_port):
+        """Name of the process whose socket has local port ``local_port`` connected to
+        ``remote_port`` (the process that opened a connection we accepted)."""
+        for _ in range(100):
+            inode = next((r[5] for r in tcp_table()
+                          if r[1] == local_port and r[3] == remote_port and r[5]), None)
+            if inode is not None:
+                name = self.owner_of_inode(inode)
+                if name is not None:
+                    return name
+            time.sleep(0.01)
+        return "unknown:{}".format(local_port)
+
+
+class SocketAudit(threading.Thread):
+    """Samples, every ``period`` s, the TCP sockets of the named processes:
+
+    - ``listening[name]``: every (family, address, port) it listened on
+      (privatekeras.deploy.listening.listening_sockets);
+    - ``links[name]``: every established connection as (local port, remote port, name of
+      the process at the other end: one of ours, "test" for this process, or "?")."""
+
+    def __init__(self, names, period=0.2):
+        super().__init__(daemon=True)
+        self.names, self.period = names, period
+        self.listening = collections.defaultdict(set)
+        self.links = collections.defaultdict(set)
+        self.samples = collections.Counter()
+        self.done = threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.done.wait(self.period):
+            self.sample()
+
+    def sample(self):
+        from privatekeras.deploy.listening import listening_sockets
+
+        pending = []  # (name, local port, remote port) of established connections
+        for attempt in range(3):
+            rows = tcp_table()
+            inodes = {name: socket_inodes(pid) for name, pid in list(self.names.pids.items())}
+            # Everything here is on loopback: a connection's two ends are the rows with
+            # swapped ports (one may be in tcp6, as an IPv4-mapped address, the other in tcp).
+            by_ends = {(r[1], r[3]): r[5] for r in rows if r[5]}
+            if attempt == 0:
+                for name, pid in list(self.names.pids.items()):
+                    if name == "test":
+                        continue
+                    try:
+                        self.listening[name].update(listening_sockets(pid))
+                    except OSError:  # ended
+                        continue
+                    self.samples[name] += 1
+                    pending += [(name, r[1], r[3]) for r in rows
+                                if r[4] == "01" and r[5] in inodes[name]]
+            still = []
+            for name, lport, rport in pending:
+                peer = by_ends.get((rport, lport))
+                who = self.names.owner_of_inode(peer, inodes) if peer else None
+                if who is not None:
+                    self.links[name].add((lport, rport, who))
+                elif by_ends.get((lport, rport)) in inodes[name]:  # still there: look again
+                    still.append((name, lport, rport))
+            pending = still
+            if not pending:
+                return
+            time.sleep(0.01)
+        for name, lport, rport in pending:
+            self.links[name].add((lport, rport, "?"))
+
+    def stop(self):
+        self.done.set()
+        self.join(5)
+        self.sample()
+
+
+# ----------------------------------------------------------------------------------------
+# The recording proxy
+# ----------------------------------------------------------------------------------------
+class Connection:
+    """One proxied TCP connection: the link and worker it reaches, the process that opened
+    it, and every byte each way with its arrival time."""
+
+    def __init__(self, link, worker):
+        self.link, self.worker = link, worker  # "api" or "compute"; worker index
+        self.origin = None
+        self.chunks = {"to_worker": [], "from_worker": []}  # (time, bytes)
+        self.lock = threading.Lock()
+
+    def data(self, direction, t0=None, t1=None):
+        with self.lock:
+            return b"".join(c for t, c in self.chunks[direction]
+                            if (t0 is None or t >= t0) and (t1 is None or t <= t1))
+
+    def arrival(self, direction, offsets):
+        """When the byte before each offset of the ``direction`` stream arrived."""
+        with self.lock:
+            chunks = list(self.chunks[direction])
+        ends = np.cumsum([len(c) for _, c in chunks])
+        times = [t for t, _ in chunks]
+        return [times[min(int(np.searchsorted(ends, o)), len(times) - 1)] for o in offsets]
+
+    def nbytes(self, direction, t0=None, t1=None):
+        with self.lock:
+            return sum(len(c) for t, c in self.chunks[direction]
+                       if (t0 is None or t >= t0) and (t1 is None or t <= t1))
+
+
+class RecordingProxy:
+    """Listens on 127.0.0.1:listen_port, forwards each connection to 127.0.0.1:target_port
+    and records both directions (one pump thread per direction, so neither can block the
+    other)."""
+
+    def __init__(self, link, worker, listen_port, target_port, names):
+        self.link, self.worker, self.target_port, self.names = link, worker, target_port, names
+        self.connections, self.errors = [], []
+        self._sockets = []
+        self._closed = False
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", listen_port))
+        self.server.listen(64)
+        self.port = listen_port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._closed:
+            try:
+                down, addr = self.server.accept()
+            except OSError:
+                return
+            conn = Connection(self.link, self.worker)
+            conn.origin = self.names.opener(addr[1], self.port)
+            try:
+                up = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError as exc:
+                self.errors.append((time.monotonic(), "{} proxy of worker {}: {}".format(
+                    self.link, self.worker, exc)))
+                down.close()
+                continue
+            for s in (down, up):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sockets += [down, up]
+            self.connections.append(conn)
+            for src, dst, direction in ((down, up, "to_worker"), (up, down, "from_worker")):
+                threading.Thread(target=self._pump, args=(src, dst, conn, direction),
+                                 daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, conn, direction):
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                with conn.lock:
+                    conn.chunks[direction].append((time.monotonic(), data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
+                try:
+                    s.shutdown(how)
+                except OSError:
+                    pass
+
+    def close(self):
+        self._closed = True
+        for s in [self.server] + self._sockets:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+# ----------------------------------------------------------------------------------------
+# Framing: HTTP/2 (TensorFlow's worker-to-worker gRPC, plaintext) and TLS (the API)
+# ----------------------------------------------------------------------------------------
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def http2_data_frames(raw):
+    """The DATA frames of an HTTP/2 byte stream as (end offset, stream id, payload), and
+    whether the frames tile the whole stream."""
+    pos = len(PREFACE) if raw.startswith(PREFACE) else 0
+    frames = []
+    while pos + 9 <= len(raw):
+        length = int.from_bytes(raw[pos:pos + 3], "big")
+        ftype, flags = raw[pos + 3], raw[pos + 4]
+        sid = int.from_bytes(raw[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+        body = raw[pos + 9:pos + 9 + length]
+        if len(body) < length:
+            break
+        pos += 9 + length
+        if ftype == 0:  # DATA
+            if flags & 0x8:  # PADDED
+                body = body[1:len(body) - body[0]]
+            frames.append((pos, sid, body))
+    return frames, pos == len(raw)
+
+
+def join_streams(frames):
+    """DATA payloads reassembled per stream id (in order of first appearance), so a message
+    cut into several frames is contiguous again."""
+    streams = collections.OrderedDict()
+    for _, sid, body in frames:
+        streams.setdefault(sid, []).append(body)
+    return b"".join(b"".join(parts) for parts in streams.values())
+
+
+def http2_data(raw):
+    """The DATA payloads of an HTTP/2 byte stream, reassembled per stream id. Returns
+    (payload, complete): complete when the frames tile the whole stream."""
+    frames, complete = http2_data_frames(raw)
+    return join_streams(frames), complete
+
+
+def tls_records(raw):
+    """The TLS records of one direction of a connection: list of (content type, version,
+    length); and whether they tile the whole stream. Content types: 20 change cipher spec,
+    21 alert, 22 handshake, 23 application data."""
+    records, pos = [], 0
+    while pos + 5 <= len(raw):
+        ctype, version = raw[pos], int.from_bytes(raw[pos + 1:pos + 3], "big")
+        length = int.from_bytes(raw[pos + 3:pos + 5], "big")
+        if pos + 5 + length > len(raw):
+            break
+        records.append((ctype, version, length))
+        pos += 5 + length
+    return records, pos == len(raw)
+
+
+# ----------------------------------------------------------------------------------------
+# The windowed search
+# ----------------------------------------------------------------------------------------
+def windows(arr, step=1):
+    """Byte strings of the WINDOW-element windows of ``arr`` (flattened, one every ``step``
+    elements), keeping the informative ones only: all elements non-zero and at least 4
+    distinct, so that a window cannot match padding or small constants by chance."""
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    out = []
+    for k in range(0, flat.size - WINDOW + 1, step):
+        w = flat[k:k + WINDOW]
+        if np.any(w == 0) or len(np.unique(w)) < 4:
+            continue
+        out.append(w.tobytes())
+    return out
+
+
+class Haystack:
+    """A byte string with its 8-byte words at each of the 8 byte alignments (and, made on
+    first use and kept, their low 20 bits, the key of the bitmap in :func:`found`)."""
+
+    def __init__(self, data):
+        self.data = bytes(data)
+        self.words = [np.frombuffer(self.data, dtype="<u8", count=(len(self.data) - a) // 8,
+                                    offset=a) if len(self.data) - a >= 8 else np.zeros(0, "<u8")
+                      for a in range(8)]
+        self._low = None
+
+    def low(self):
+        if self._low is None:
+            self._low = [(w.astype(np.uint32) & np.uint32(LOW_MASK)).astype(np.intp)
+                         for w in self.words]
+        return self._low
+
+
+LOW_MASK = (1 << 20) - 1
+
+
+def found(haystacks, needles):
+    """The needles (byte strings of >= 8 bytes) that occur in any of the haystacks. A word of
+    a haystack is a candidate when its low 20 bits are those of some needle's first 8 bytes
+    (a bitmap lookup), then when it equals one of them (sorted-array lookup); then the whole
+    needle is compared."""
+    if not needles:
+        return set()
+    by_key = collections.defaultdict(list)
+    for n, k in zip(needles, np.frombuffer(b"".join(n[:8] for n in needles), "<u8").tolist()):
+        by_key[k].append(n)
+    keys = np.array(sorted(by_key), dtype="<u8")
+    bitmap = np.zeros(LOW_MASK + 1, dtype=bool)
+    bitmap[(keys & np.uint64(LOW_MASK)).astype(np.intp)] = True
+    hits = set()
+    for h in haystacks:
+        for a, (words, low) in enumerate(zip(h.words, h.low())):
+            if not words.size:
+                continue
+            candidates = np.flatnonzero(bitmap[low])
+            if not candidates.size:
+                continue
+            cw = words[candidates]
+            slot = np.minimum(np.searchsorted(keys, cw), keys.size - 1)
+            for i in candidates[keys[slot] == cw].tolist():
+                pos = a + 8 * i
+                for n in by_key[int(words[i])]:
+                    if n not in hits and h.data[pos:pos + len(n)] == n:
+                        hits.add(n)
+    return hits
+
+
+def random_looking_chunks(data, size=64, stride=64, min_distinct=40):
+    """The ``size``-byte chunks of ``data`` (one every ``stride`` bytes) that look uniformly
+    random: at least ``min_distinct`` distinct byte values (64 uniform bytes have ~57 on
+    average and fewer than 45 with probability < 1e-6; text, protobuf framing and small
+    integers have far fewer). Masked shares and PRF output are such chunks: one found again
+    in another step's traffic means reused randomness. With the default stride, any repeated
+    random-looking region of 2 * size - 1 bytes or more contains one of these chunks."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    n = (len(buf) - size) // stride + 1
+    if n <= 0:
+        return []
+    rows = np.lib.stride_tricks.as_strided(buf, shape=(n, size), strides=(stride, 1))
+    distinct = 1 + np.count_nonzero(np.diff(np.sort(rows, axis=1), axis=1), axis=1)
+    return [rows[k].tobytes() for k in np.flatnonzero(distinct >= min_distinct).tolist()]
