@@ -2,16 +2,26 @@
 
 Each host is a network namespace with its own loopback and one veth link (``eth0``) into a
 hub namespace that holds the bridge, so nothing is added to the machine's own network
-namespace. Names carry this process's PID, and :meth:`Net.close` ends every process started
-in the hosts and deletes the namespaces.
+namespace. Names carry this process's PID (and a counter, so two nets of one process never
+clash), and :meth:`Net.close` ends every process started in the hosts and deletes the
+namespaces.
+
+Also here: :meth:`Net.listening` (what listens in a host, read with ``ss -ltn``),
+:class:`Lines` (a process in a host whose output lines are time-stamped as they arrive) and
+:func:`stunnel_unavailable`.
 """
 
+import ipaddress
+import itertools
 import os
+import shutil
 import signal
 import subprocess
+import threading
 import time
 
 SUBNET = "10.231.0"
+_counter = itertools.count()
 
 
 def _ip(*args, check=True):
@@ -34,12 +44,49 @@ def netns_unavailable():
     return None
 
 
+def stunnel_unavailable():
+    """None when Debian's stunnel4 (or stunnel) is installed, else the reason."""
+    if shutil.which("stunnel4") or shutil.which("stunnel") or \
+            os.path.exists("/usr/bin/stunnel4"):
+        return None
+    return "stunnel4 is not installed (apt-get install stunnel4)"
+
+
+def is_loopback(address):
+    """True for a listening address (as ``ss`` prints it, port stripped) on loopback only:
+    127.0.0.0/8, ::1 or an IPv4-mapped loopback address. Wildcards are not loopback."""
+    host = address.strip("[]").split("%", 1)[0]
+    if host == "*":
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if getattr(ip, "ipv4_mapped", None) is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def parse_ss(text):
+    """``[(address, port)]`` of the listening TCP sockets in ``ss -Hltn`` output; addresses as
+    ``ss`` prints them without brackets (``127.0.0.1``, ``::ffff:10.0.0.1``, ``*``, ``::``)."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[0] != "LISTEN":
+            continue
+        host, _, port = fields[3].rpartition(":")
+        out.append((host.strip("[]"), int(port)))
+    return sorted(out)
+
+
 class Net:
     """A hub namespace with a bridge, and one namespace per host with an address on it."""
 
     def __init__(self, hosts):
         """``hosts``: {short name: last octet of its address in 10.231.0.0/24}."""
-        self.prefix = "pk{}".format(os.getpid())
+        n = next(_counter)
+        self.prefix = "pk{}".format(os.getpid()) + ("" if n == 0 else "n{}".format(n))
         self.hub = self.prefix + "hub"
         self.addresses = {}
         self.namespaces = []
@@ -85,6 +132,21 @@ class Net:
         return subprocess.run(["ip", "netns", "exec", ns] + list(cmd), env=env, timeout=timeout,
                               capture_output=True, text=True)
 
+    def listening(self, host):
+        """The listening TCP sockets in ``host``'s namespace, ``[(address, port)]``, read with
+        ``ss -Hltn`` (IPv4 and IPv6, whichever process owns them)."""
+        ns = self.hub if host == "hub" else self.ns(host)
+        proc = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn"], capture_output=True,
+                              text=True, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError("ss -Hltn in {} failed: {}".format(ns, proc.stderr.strip()))
+        return parse_ss(proc.stdout)
+
+    def lines(self, host, cmd, env, **kwargs):
+        """Start ``cmd`` in ``host``'s namespace as a :class:`Lines` (stdin is a pipe)."""
+        return Lines(self.popen(host, cmd, env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **kwargs))
+
     def close(self):
         """End our processes (by PID), then any left in our namespaces, then delete them."""
         for proc in self.procs:
@@ -107,3 +169,62 @@ class Net:
         for ns in reversed(self.namespaces):
             _ip("netns", "del", ns, check=False)
         self.namespaces = []
+
+
+class Lines:
+    """A process whose output lines are collected with their arrival time (``time.monotonic``),
+    so a test can wait for a line and measure when it came."""
+
+    def __init__(self, proc):
+        self.p = proc
+        self.lines = []  # (time.monotonic(), line)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    @property
+    def output(self):
+        return "\n".join(line for _, line in self.lines)
+
+    def find(self, prefix):
+        """(arrival time, line) of the first line starting with ``prefix``, or None."""
+        return next(((t, line) for t, line in list(self.lines) if line.startswith(prefix)),
+                    None)
+
+    def wait_for(self, prefix, timeout):
+        """(arrival time, line) of the first line starting with ``prefix``, waiting up to
+        ``timeout`` s; AssertionError with the output so far if it does not come."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.find(prefix)
+            if found:
+                return found
+            if self.p.poll() is not None:
+                self._reader.join(5)
+                found = self.find(prefix)
+                if found:
+                    return found
+                raise AssertionError("{} exited with {} before a {!r} line:\n{}".format(
+                    self.p.args, self.p.returncode, prefix, self.output[-6000:]))
+            if time.monotonic() > deadline:
+                raise AssertionError("no {!r} line from {} after {} s:\n{}".format(
+                    prefix, self.p.args, timeout, self.output[-6000:]))
+            time.sleep(0.05)
+
+    def send(self, text):
+        """Write a line to the process's stdin."""
+        self.p.stdin.write(text + "\n")
+        self.p.stdin.flush()
+
+    def finish(self, timeout):
+        """Wait for the process to exit (close its stdin first); returns its exit code."""
+        try:
+            self.p.stdin.close()
+        except OSError:
+            pass
+        rc = self.p.wait(timeout)
+        self._reader.join(5)
+        return rc

@@ -107,9 +107,12 @@ class Client:
                 if isinstance(exc, CredentialsError) and self.cluster.config is not None:
                     raise  # a hosts file's credentials do not appear by waiting
                 if time.monotonic() > deadline:
-                    raise type(exc)("{} (waited {:.0f} s): is the cluster started? The model "
-                                    "owner starts it with Cluster.start() / pk_start()".format(
-                                        exc, self.timeout)) from None
+                    hint = ("is the cluster started? The model owner starts it with "
+                            "Cluster.start() / pk_start()" if self.cluster.config is None else
+                            "are the workers running (`privatekeras worker --config ...` on "
+                            "each worker host)?")
+                    raise type(exc)("{} (waited {:.0f} s): {}".format(exc, self.timeout,
+                                                                     hint)) from None
                 time.sleep(0.2)
 
     def _forget(self):
