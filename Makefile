@@ -17,8 +17,11 @@ setup:
 demo: setup
 	$(PY) demo/run_demo.py
 
-# Latency, throughput, traffic and accuracy, Python and R clients (bench/run.py --help);
-# results in bench/out/. BENCH_ARGS="--quick" for a smoke run.
+# Latency, throughput, traffic, accuracy and the serving path around the private step,
+# Python and R clients, side by side with plaintext Keras and the previous release (a git
+# worktree of 1e7b994) in the same run; as root with `ip netns`, also the cost of stunnel
+# links between network namespaces (bench/run.py --help). Results in bench/out/.
+# BENCH_ARGS="--quick" for a smoke run.
 bench: setup r-install
 	$(PY) -m pip install -q --disable-pip-version-check -r inst/python/requirements-bench.txt
 	$(R_ENV) $(PY) bench/run.py $(BENCH_ARGS)

@@ -1,11 +1,16 @@
-"""Benchmark of private predictions (`make bench`): latency, throughput, traffic, accuracy.
+"""Benchmark of private predictions (`make bench`): latency, throughput, traffic, accuracy,
+the serving path around the private step, and the cost of authenticated links across hosts,
+side by side with plaintext Keras and the previous release, all measured in the same run.
 
 Measured on the real product: three worker processes, a model owner and a client on loopback.
-
-For each protocol x batch size x client (Python, R) it starts fresh processes, sends queries
-of Fashion-MNIST test images to the tutorial CNN, and prints one JSON line; then a summary
-table with the issue's targets. Everything also goes to OUT: results.jsonl, report.md,
-latency.png, tutorial_cnn.keras and one log per process (logs/). Progress goes to stderr.
+For each batch size x client (Python, R) it starts fresh processes, sends queries of
+Fashion-MNIST test images to the tutorial CNN, and prints one JSON line; the previous release
+(a git worktree of --previous, default 1e7b994) answers the same images at the same batch
+sizes (Python client) in between. With root and `ip netns`, bench/netns.py (per-query cost of
+stunnel links between five network namespaces) and bench/links.py (ping-pong through stunnel
+vs the previous release's Python relays) follow. Then a summary table with the targets.
+Everything also goes to OUT: results.jsonl, report.md, latency.png, netns.json, links.json,
+tutorial_cnn.keras and one log per process (logs/). Progress goes to stderr.
 """
 
 import argparse
@@ -20,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -36,6 +42,9 @@ import sockets  # noqa: E402
 # Extra R-client queries at batch 1, each timed in R and inside the Python core.
 R_PAIRS = 20
 DEFAULT_OUT = os.path.join(HERE, "out")
+PREVIOUS = "1e7b994"  # the last landed commit before issue 9 ("workers are servers")
+WITHDRAWN = {"securenn": "withdrawn in this release: its private compare leaks ReLU inputs' "
+                         "high bits to worker 2 (docs/security.md); not measured"}
 
 
 class BenchError(Exception):
@@ -50,25 +59,36 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog="Targets and method: see report.md in --out.")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: ABY3 only, batches 1 and 8, 6 queries, 64 accuracy "
-                        "images, 12,000 training images (overrides those options)")
-    p.add_argument("--protocols", default="aby3,securenn", help="comma-separated")
+                   help="smoke run: batches 1 and 8, 6 queries, 64 accuracy images, 12,000 "
+                        "training images, short links runs (overrides those options)")
+    p.add_argument("--protocols", default="aby3",
+                   help="comma-separated; only aby3 is offered (securenn: withdrawn, noted "
+                        "in the report, not run)")
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--paths", default="python,r", help="clients: python, r")
-    p.add_argument("--queries", type=int, default=40,
+    p.add_argument("--queries", type=int, default=30,
                    help="queries per configuration (the first is reported apart)")
-    p.add_argument("--max-images", type=int, default=384,
+    p.add_argument("--max-images", type=int, default=256,
                    help="fewer queries at large batches: at most this many images per "
                         "configuration (not counting the accuracy run), at least 2 queries")
     p.add_argument("--accuracy-images", type=int, default=1000,
-                   help="test images queried by ABY3 at the largest batch, first client")
+                   help="test images queried at the largest batch, first client (and by "
+                        "the previous release)")
     p.add_argument("--train-images", type=int, default=60000)
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--reuse-model", action="store_true",
                    help="reuse OUT/tutorial_cnn.keras instead of training again")
+    p.add_argument("--previous", default=PREVIOUS, metavar="REV",
+                   help="git revision of the previous release, measured in the same run "
+                        "(default %(default)s)")
+    p.add_argument("--no-previous", action="store_true",
+                   help="do not measure the previous release")
+    p.add_argument("--links", choices=("auto", "on", "off"), default="auto",
+                   help="links across network namespaces (bench/netns.py, bench/links.py): "
+                        "auto runs them when root with `ip netns` and stunnel4 (default)")
     a = p.parse_args(argv)
     if a.quick:
-        a.protocols, a.batches, a.queries, a.max_images = "aby3", "1,8", 6, 48
+        a.batches, a.queries, a.max_images = "1,8", 6, 48
         a.accuracy_images, a.train_images = 64, 12000
     a.protocols = a.protocols.split(",")
     a.batches = sorted(int(b) for b in a.batches.split(","))
@@ -78,21 +98,33 @@ def parse_args(argv=None):
         bad = [v for v in values if v not in allowed]
         if bad:
             p.error("unknown {} {} (choose from {})".format(name, bad, ", ".join(allowed)))
+    a.withdrawn = [x for x in a.protocols if x in WITHDRAWN]
+    a.protocols = [x for x in a.protocols if x not in WITHDRAWN]
+    if not a.protocols:
+        p.error("nothing to measure: {}".format("; ".join(
+            "{} is {}".format(x, WITHDRAWN[x]) for x in a.withdrawn)))
     if any(b < 1 for b in a.batches) or a.queries < 2 or a.accuracy_images < 1:
         p.error("batches must be >= 1, --queries >= 2, --accuracy-images >= 1")
     return a
 
 
-def configurations(a):
-    """(protocol, batch, path, images to query) for every configuration, in run order."""
+def configurations(a, previous=True):
+    """(release, protocol, batch, path, images to query) for every configuration, in run
+    order: per batch size, this release's clients, then the previous release (Python client,
+    the same images as this release's Python client)."""
     out = []
     for protocol in a.protocols:
         for batch in a.batches:
             for i, path in enumerate(a.paths):
                 count = batch * max(2, min(a.queries, a.max_images // batch))
-                if protocol == "aby3" and batch == a.batches[-1] and i == 0:
+                if batch == a.batches[-1] and i == 0:
                     count = max(count, a.accuracy_images, 2 * batch)
-                out.append((protocol, batch, path, count))
+                out.append(("this", protocol, batch, path, count))
+                if previous and i == 0:
+                    out.append(("previous", protocol, batch, "python", count))
+            if previous and "python" not in a.paths:
+                count = batch * max(2, min(a.queries, a.max_images // batch))
+                out.append(("previous", protocol, batch, "python", count))
     return out
 
 
@@ -184,11 +216,8 @@ def kill_workers(pids, timeout=15):
 
 
 def _is_worker(pid):
-    try:
-        with open("/proc/{}/cmdline".format(pid), "rb") as f:
-            return b"privatekeras.worker" in f.read()
-    except OSError:
-        return False
+    args = sockets.cmdline(pid)
+    return args is not None and sockets.is_worker_cmdline(args)
 
 
 def free_hosts():
@@ -209,10 +238,13 @@ def _port_free(port):
             return False
 
 
-def child_env():
+def child_env(pythonpath=None):
+    """The children's environment: ``pythonpath`` (default: this release's inst/python)
+    first on PYTHONPATH."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [os.path.join(ROOT, "inst", "python"), env.get("PYTHONPATH", "")] if p)
+        p for p in [pythonpath or os.path.join(ROOT, "inst", "python"),
+                    env.get("PYTHONPATH", "")] if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("R_LIBS", os.path.join(ROOT, ".rlib"))
     env.setdefault("RETICULATE_PYTHON", sys.executable)
@@ -231,44 +263,147 @@ def check_r(env):
                          "r-install` first\n{}".format(env.get("R_LIBS"), res.stderr[-1500:]))
 
 
+# -- the previous release -------------------------------------------------------------------
+class Previous:
+    """The previous release in a temporary git worktree, its kernels built into this venv
+    (their directory is keyed by a digest of their sources, so both releases' libraries sit
+    side by side). ``reason`` says why it is not available (then nothing else works)."""
+
+    def __init__(self, rev):
+        self.rev, self.commit, self.reason = rev, None, None
+        self.tmp = self.src = None
+
+    @property
+    def label(self):
+        return "previous release ({})".format(self.commit[:7] if self.commit else self.rev)
+
+    def _git(self, *args, timeout=300):
+        return subprocess.run(["git", "-C", ROOT] + list(args), capture_output=True,
+                              text=True, timeout=timeout)
+
+    def setup(self):
+        """Check out and build; returns True when it can be measured, else sets ``reason``."""
+        if shutil.which("git") is None:
+            self.reason = "previous release not available (no git history): git is not installed"
+            return False
+        res = self._git("rev-parse", "--verify", "--quiet", self.rev + "^{commit}")
+        if res.returncode != 0:
+            self.reason = ("previous release not available (no git history): commit {} is not "
+                           "in this checkout".format(self.rev))
+            return False
+        self.commit = res.stdout.strip()
+        self.tmp = tempfile.mkdtemp(prefix="privatekeras-bench-previous-")
+        self.src = os.path.join(self.tmp, "src")
+        log("previous release: git worktree of {} in {} ...".format(self.commit[:7], self.src))
+        res = self._git("worktree", "add", "--detach", self.src, self.commit)
+        if res.returncode != 0:
+            self.reason = "previous release not available: git worktree add failed: {}".format(
+                (res.stderr or res.stdout).strip()[-500:])
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = self.src = None
+            return False
+        for needed in ("bench/owner.py", "bench/client.py", "bench/child.py",
+                       "inst/python/privatekeras/serving.py"):
+            if not os.path.exists(os.path.join(self.src, needed)):
+                self.reason = "previous release {} has no {}: cannot measure it".format(
+                    self.commit[:7], needed)
+                return False
+        log("previous release: building its kernels into this venv (once) ...")
+        res = subprocess.run([sys.executable, "-m", "privatekeras.kernels", "build"],
+                             env=self.env(), capture_output=True, text=True, timeout=1800,
+                             cwd=self.src)
+        if res.returncode != 0:
+            self.reason = "previous release's kernels did not build:\n{}".format(
+                (res.stdout + res.stderr)[-2000:])
+            return False
+        return True
+
+    def env(self):
+        return child_env(os.path.join(self.src, "inst", "python"))
+
+    @property
+    def bench_dir(self):
+        return os.path.join(self.src, "bench")
+
+    def close(self):
+        if self.src is not None:
+            res = self._git("worktree", "remove", "--force", self.src)
+            if res.returncode != 0:
+                shutil.rmtree(self.src, ignore_errors=True)
+                self._git("worktree", "prune")
+            self.src = None
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
 # -- one configuration ----------------------------------------------------------------------
-def run_config(a, protocol, batch, path, count, env, logs):
+def ensure_kernels(env):
+    """Build the kernels of the sources in ``env``'s PYTHONPATH if they are missing (a no-op
+    taking half a second when they are there: their directory is keyed by a digest of the
+    sources, so an edit of the working tree during a long run needs a build)."""
+    res = subprocess.run([sys.executable, "-m", "privatekeras.kernels", "build"], env=env,
+                         capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise BenchError("the secure kernels do not build:\n{}".format(
+            (res.stdout + res.stderr)[-2000:]))
+    if "compiling" in res.stdout + res.stderr:
+        log("  (the kernels' sources changed: rebuilt them)")
+
+
+def run_config(a, release, protocol, batch, path, count, env, logs, previous=None):
     """Run one configuration in fresh processes; returns its measurements as a dict."""
-    tag = "{}-b{}-{}".format(protocol, batch, path)
+    if release == "this":
+        ensure_kernels(env)
+    tag = "{}-{}-b{}-{}".format(release, protocol, batch, path)
     hosts = free_hosts()
     n_queries = -(-count // batch)
     pairs = R_PAIRS if path == "r" and batch == 1 else 0
-    owner = Child("model owner", [sys.executable, os.path.join(HERE, "owner.py"),
-                                  os.path.join(a.out, "tutorial_cnn.keras"), ",".join(hosts),
-                                  protocol, str(batch), str(n_queries + pairs)],
-                  os.path.join(logs, tag + "-owner.log"), env)
+    steps_path = os.path.join(logs, tag + "-steps.json")
+    if os.path.exists(steps_path):
+        os.remove(steps_path)
+    owner_args = [os.path.join(a.out, "tutorial_cnn.keras"), ",".join(hosts), protocol,
+                  str(batch), str(n_queries + pairs)]
+    if release == "previous":
+        owner_cmd = [sys.executable, os.path.join(HERE, "prev_owner.py"), previous.bench_dir,
+                     steps_path] + owner_args
+        bench_dir = previous.bench_dir
+    else:
+        owner_cmd = [sys.executable, os.path.join(HERE, "owner.py")] + owner_args + [steps_path]
+        bench_dir = HERE
+    owner = Child("model owner", owner_cmd, os.path.join(logs, tag + "-owner.log"), env)
     client, workers = None, set()
     t0 = time.monotonic()
     try:
         log("  starting workers on {} ...".format(", ".join(hosts)))
         workers = {int(p) for p in owner.expect("WORKERS", 300)[0].split(",")}
+        compute = set()
+        for pid in workers:
+            compute |= sockets.compute_ports(sockets.cmdline(pid) or [])
         client_args = [",".join(hosts), str(batch), str(count),
                        os.path.join(a.out, "images.npy"), os.path.join(logs, tag + ".npz")]
-        cmd = ([sys.executable, os.path.join(HERE, "client.py")] if path == "python" else
+        cmd = ([sys.executable, os.path.join(bench_dir, "client.py")] if path == "python" else
                ["Rscript", os.path.join(HERE, "client.R")]) + client_args + (
                    [str(pairs)] if path == "r" else [])
         log("  sharing the model; starting the {} client ...".format(report.PATH_NAMES[path]))
         client = Child("{} client".format(report.PATH_NAMES[path]), cmd,
                        os.path.join(logs, tag + "-client.log"), env)
-        start_s, share_s = (float(v) for v in owner.expect("SHARED", 300))
+        start_s, share_s = (float(v) for v in owner.expect("SHARED", 600))
         client.expect("CONNECTED", 300)
         owner.send("SERVE")
         owner.expect("SERVING", 60)
         client.send("GO")
         log("  first query after serve() starts ...")
         client.expect("SNAP", 600)
-        before = sockets.snapshot()
+        ours = sorted(workers | {owner.proc.pid, client.proc.pid})
+        before = sockets.snapshot(ours)
         client.send("OK")
         log("  {} more queries of {} image(s) ...".format(n_queries - 1, batch))
         client.expect("SNAP", 120 + 10 * n_queries * batch)
-        after = sockets.snapshot()
+        after = sockets.snapshot(ours)
+        owner.send("STOP")  # the owner stops the workers only after serve() and this
         client.send("OK")
-        client.expect("DONE", 120)
+        client.expect("DONE", 120 + 2 * pairs)
         client.finish(60)
         owner.expect("SERVED", 120)
         owner.finish(120)
@@ -284,21 +419,193 @@ def run_config(a, protocol, batch, path, count, env, logs):
         raise BenchError("{}: the client returned {} timings and logits of shape {}, expected "
                          "{} and {}".format(tag, len(seconds), logits.shape, n_queries,
                                             (count, 10)))
+    try:
+        with open(steps_path) as f:
+            steps = json.load(f)
+    except (OSError, ValueError):
+        steps = []
+    if len(steps) != n_queries + pairs:
+        log("  {}: {} step times for {} queries: no serving-path figure".format(
+            tag, len(steps), n_queries + pairs))
+        steps = []
     rows = [min(batch, count - i) for i in range(0, count, batch)]
-    between, others = sockets.traffic(before, after, workers)
-    result = {"protocol": protocol, "batch": batch, "path": path, "queries": n_queries}
+    detail = []
+    moved = sockets.traffic(before, after, workers, compute or None, detail)
+    with open(os.path.join(logs, tag + "-traffic.json"), "w") as f:
+        json.dump({"workers": sorted(workers), "compute_ports": sorted(compute),
+                   "totals": moved, "sockets": detail}, f, indent=1)
+    result = {"release": release, "protocol": protocol, "batch": batch, "path": path,
+              "queries": n_queries}
+    if release == "previous":
+        result["commit"] = previous.commit
     result.update(report.latency_stats(seconds, rows))
+    result.update(report.step_stats(seconds, steps[:n_queries]))
     plain = np.load(os.path.join(a.out, "plain_logits.npy"))[:count]
     result.update(report.accuracy_stats(logits, plain))
+    per = max(1, n_queries - 1)
     result.update({
-        "bytes_between_workers_per_query": between / (n_queries - 1),
-        "bytes_workers_parties_per_query": others / (n_queries - 1),
+        "bytes_between_workers_per_query": moved["between_workers"] / per,
+        "bytes_workers_control_per_query": moved["workers_control"] / per,
+        "bytes_workers_parties_per_query": moved["with_others"] / per,
         "owner_start_s": start_s, "owner_share_s": share_s,
         "wall_s": time.monotonic() - t0,
     })
     if pairs:
         result["r_layer_overhead_ms"] = 1e3 * float(np.median(got["paired"]))
     return result
+
+
+# -- links across hosts -----------------------------------------------------------------------
+def links_unavailable():
+    """None when the links benchmarks can run here, else the reason."""
+    if os.geteuid() != 0:
+        return "not root (network namespaces need root)"
+    if shutil.which("ip") is None:
+        return "the `ip` command (iproute2) is not installed"
+    if not (shutil.which("stunnel4") or shutil.which("stunnel")):
+        return "stunnel4 is not installed"
+    probe = "pkbenchprobe{}".format(os.getpid())
+    res = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if res.returncode != 0:
+        return "cannot create a network namespace: {}".format(res.stderr.strip())
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def run_script(name, cmd, log_path, env, timeout):
+    """Run a helper benchmark (bench/netns.py, bench/links.py) in its own session, its
+    progress (stderr) shown and logged; returns the JSON objects of its stdout lines. Its
+    temporary files go to a directory of its own (TMPDIR), removed afterwards."""
+    objects = []
+    tmp = tempfile.mkdtemp(prefix="pkb-")
+    env = dict(env, TMPDIR=tmp)
+    try:
+        return _run_script(name, cmd, log_path, env, timeout, objects)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_script(name, cmd, log_path, env, timeout, objects):
+    with open(log_path, "w", buffering=1) as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                text=True, bufsize=1, start_new_session=True, cwd=ROOT,
+                                stdin=subprocess.DEVNULL)
+
+        def progress():
+            for line in proc.stderr:
+                logf.write(line)
+                if line.startswith(("netns bench:", "links bench:")):
+                    print("bench:   " + line.rstrip(), file=sys.stderr, flush=True)
+
+        reader = threading.Thread(target=progress, daemon=True)
+        reader.start()
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            _interrupt(proc)
+
+        timer = threading.Timer(timeout, expire)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                logf.write(line)
+                line = line.strip()
+                if line.startswith("{"):
+                    try:
+                        objects.append(json.loads(line))
+                    except ValueError:
+                        pass
+            rc = proc.wait()
+        except BaseException:
+            _interrupt(proc)
+            raise
+        finally:
+            timer.cancel()
+            reader.join(5)
+    if rc != 0:
+        with open(log_path, errors="replace") as f:
+            tail = f.read()[-1500:]
+        raise BenchError("{} exited with code {}{}; last lines of {}:\n{}".format(
+            name, rc, " (timed out after {:.0f} s)".format(timeout) if expired.is_set() else "",
+            log_path, tail))
+    return objects
+
+
+def _interrupt(proc):
+    """SIGINT first (the scripts' `finally:` deletes their namespaces), then harder."""
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def links(a, env, logs):
+    """bench/netns.py and bench/links.py, when they can run; returns a dict for the report."""
+    out = {"netns": None, "links": None, "notes": []}
+    if a.links == "off":
+        out["notes"].append("links across hosts not measured (--links off)")
+        return out, True
+    reason = links_unavailable()
+    if reason:
+        out["notes"].append("links across hosts not measured: {}".format(reason))
+        return out, a.links == "auto"
+    ok = True
+    netns_py = os.path.join(HERE, "netns.py")
+    if not os.path.exists(netns_py):
+        out["notes"].append("bench/netns.py is not there: the per-query cost of links was not "
+                            "measured")
+        ok = False
+    else:
+        args = (["--queries", "8", "--warmup", "2", "--rounds", "1", "--train-images", "4000"]
+                if a.quick else ["--queries", "25", "--warmup", "5", "--rounds", "2"])
+        log("links: per-query latency, loopback vs five network namespaces linked by stunnel "
+            "(bench/netns.py {}) ...".format(" ".join(args)))
+        t0 = time.monotonic()
+        try:
+            objs = run_script("bench/netns.py", [sys.executable, netns_py] + args + [
+                "--out", os.path.join(a.out, "netns.json")], os.path.join(logs, "netns.log"),
+                env, timeout=1800)
+            summary = next((o for o in objs if "summary" in o), None)
+            if summary is None:
+                raise BenchError("bench/netns.py printed no summary")
+            out["netns"] = {"setups": [o for o in objs if "setup" in o], "summary": summary,
+                            "seconds": time.monotonic() - t0}
+            log("  links cost per query {:+.1f} ms (latency median, netns-stunnel - loopback)"
+                .format(summary["links_cost_latency_median_ms"]))
+        except BenchError as exc:
+            log("links: bench/netns.py FAILED: {}".format(exc))
+            out["notes"].append("bench/netns.py failed: {}".format(str(exc).splitlines()[0]))
+            ok = False
+    links_py = os.path.join(HERE, "links.py")
+    if os.path.exists(links_py):
+        args = ["--round-trips", "300", "--repeat", "1"] if a.quick else \
+            ["--round-trips", "1000", "--repeat", "3"]
+        log("links: 64-byte ping-pong, stunnel vs the previous release's Python relays "
+            "(bench/links.py {}) ...".format(" ".join(args)))
+        t0 = time.monotonic()
+        try:
+            objs = run_script("bench/links.py", [sys.executable, links_py] + args,
+                              os.path.join(logs, "links.log"), env, timeout=900)
+            out["links"] = {"variants": [o for o in objs if "variant" in o],
+                            "seconds": time.monotonic() - t0}
+            if os.path.abspath(a.out) != DEFAULT_OUT:  # links.py writes bench/out/links.json
+                with open(os.path.join(a.out, "links.json"), "w") as f:
+                    json.dump(out["links"]["variants"], f, indent=1)
+                    f.write("\n")
+        except BenchError as exc:
+            log("links: bench/links.py FAILED: {}".format(exc))
+            out["notes"].append("bench/links.py failed: {}".format(str(exc).splitlines()[0]))
+            ok = False
+    return out, ok
 
 
 # -- the whole run ----------------------------------------------------------------------------
@@ -322,8 +629,9 @@ def plaintext(a, env, counts):
     for b in a.batches:
         t = info["timings"][str(b)]
         pob = np.array(t["predict_on_batch_s"])
-        rows.append({"protocol": "plaintext", "batch": b, "path": "keras",
-                     "queries": len(pob), "median_ms": 1e3 * float(np.median(pob)),
+        rows.append({"release": "plaintext", "protocol": "plaintext", "batch": b,
+                     "path": "keras", "queries": len(pob),
+                     "median_ms": 1e3 * float(np.median(pob)),
                      "p90_ms": 1e3 * float(np.percentile(pob, 90)),
                      "images_per_s": b / float(np.mean(pob)),
                      "plaintext_call_ms": 1e3 * float(np.median(t["call_s"]))})
@@ -339,35 +647,88 @@ def main(argv=None):
     env = child_env()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally:` cleans up
     configs = configurations(a)
-    results = []
+    results, notes, complete = [], [], True
+    stages = {}  # what took how long (seconds), for the report
+    previous = None if a.no_previous else Previous(a.previous)
+    prev_info = {"rev": a.previous, "commit": None,
+                 "reason": "previous release not measured (--no-previous)" if a.no_previous
+                 else None}
+    links_info = {"netns": None, "links": None, "notes": []}
+    for x in a.withdrawn:
+        notes.append("{}: {}".format(report.PROTOCOL_NAMES.get(x, x), WITHDRAWN[x]))
+        log(notes[-1])
     try:
         if "r" in a.paths:
             check_r(env)
-        info, plain_rows = plaintext(a, env, [c[3] for c in configs])
+        stage = time.monotonic()
+        info, plain_rows = plaintext(a, env, [c[4] for c in configs])
+        stages["plaintext Keras (training, reference logits, timings)"] = \
+            time.monotonic() - stage
+        stage = time.monotonic()
+        if previous is not None and not previous.setup():
+            log(previous.reason)
+            prev_info["reason"] = previous.reason
+        if previous is not None:
+            stages["previous release: worktree and kernels"] = time.monotonic() - stage
+        if previous is not None:
+            prev_info["commit"] = previous.commit
+        if previous is None or previous.reason:
+            configs = [c for c in configs if c[0] != "previous"]
         with open(os.path.join(a.out, "results.jsonl"), "w") as jsonl:
             for row in plain_rows:
                 print(json.dumps(row), flush=True)
                 jsonl.write(json.dumps(row) + "\n")
-            for i, (protocol, batch, path, count) in enumerate(configs):
-                log("[{}/{}] {} batch {}, {} client, {} images".format(
-                    i + 1, len(configs), report.PROTOCOL_NAMES[protocol], batch,
+            for i, (release, protocol, batch, path, count) in enumerate(configs):
+                log("[{}/{}] {}: {} batch {}, {} client, {} images".format(
+                    i + 1, len(configs), "this release" if release == "this" else
+                    previous.label, report.PROTOCOL_NAMES[protocol], batch,
                     report.PATH_NAMES[path], count))
-                r = run_config(a, protocol, batch, path, count, env, logs)
+                try:
+                    r = run_config(a, release, protocol, batch, path, count,
+                                   env if release == "this" else previous.env(), logs,
+                                   previous)
+                except BenchError as exc:
+                    if release == "this":
+                        raise
+                    log("  the previous release FAILED here (going on without it): "
+                        "{}".format(exc))
+                    notes.append("previous release, batch {}: failed: {}".format(
+                        batch, str(exc).splitlines()[0]))
+                    complete = False
+                    continue
                 plain = next(p for p in plain_rows if p["batch"] == batch)
                 r["plaintext_ms"] = plain["median_ms"]
                 r["ratio"] = r["median_ms"] / plain["median_ms"]
-                log("  median {:.1f} ms, first query {:.1f} s, argmax {:.1%}, {:.0f} s".format(
-                    r["median_ms"], r["first_query_s"], r["argmax_agreement"], r["wall_s"]))
+                log("  median {:.1f} ms, step {} ms, serving path {} ms, first query {:.1f} s, "
+                    "argmax {:.1%}, {:.0f} s".format(
+                        r["median_ms"], report.fmt(r.get("step_median_ms"), "{:.1f}"),
+                        report.fmt(r.get("serving_path_ms"), "{:.1f}"), r["first_query_s"],
+                        r["argmax_agreement"], r["wall_s"]))
                 results.append(r)
+                key = "{} configurations".format("this release's" if release == "this"
+                                                 else "previous release's")
+                stages[key] = stages.get(key, 0.0) + r["wall_s"]
                 print(json.dumps(r), flush=True)
                 jsonl.write(json.dumps(r) + "\n")
                 jsonl.flush()
+        if previous is not None:
+            previous.close()
+        links_info, ok = links(a, env, logs)
+        complete = complete and ok
+        for name, key in (("bench/netns.py", "netns"), ("bench/links.py", "links")):
+            if links_info.get(key):
+                stages[name] = links_info[key]["seconds"]
+        for note in links_info["notes"]:
+            log(note)
     except BenchError as exc:
         log("FAILED: {}".format(exc))
         return 1
     except KeyboardInterrupt:
         log("interrupted; every process started has been stopped")
         return 130
+    finally:
+        if previous is not None:
+            previous.close()
 
     minutes, secs = divmod(int(time.monotonic() - t0), 60)
     machine = report.machine_info()
@@ -378,18 +739,27 @@ def main(argv=None):
                     "share these cores)".format(load0, os.getloadavg()[0])})
     report.write_report(results + plain_rows, a.out, machine, {
         "date": started.strftime("%Y-%m-%d %H:%M"), "duration": "{} min {} s".format(minutes, secs),
-        "command": " ".join(["bench/run.py"] + [shlex.quote(x) for x in (argv or sys.argv[1:])])})
+        "command": " ".join(["bench/run.py"] + [shlex.quote(x) for x in (argv or sys.argv[1:])]),
+        "previous": prev_info, "links": links_info, "notes": notes, "stages": stages})
+    everything = results + plain_rows
     print()
-    print(report.table(results + plain_rows))
+    print(report.side_by_side(everything, prev_info))
     print()
-    print(report.targets_table(results))
+    print(report.targets_table(everything, links_info, prev_info))
+    print()
+    print(report.links_table(links_info))
+    for note in notes + ([prev_info["reason"]] if prev_info["reason"] else []):
+        print("note: " + note)  # (the links' notes are in the table above)
     print()
     if not a.quick and a.out == DEFAULT_OUT:
         # The plot the README embeds, regenerated by every full `make bench`.
         shutil.copyfile(os.path.join(a.out, "latency.png"), os.path.join(HERE, "latency.png"))
-    print("bench: done in {} min {} s; report {}".format(
-        minutes, secs, os.path.join(a.out, "report.md")))
-    return 1 if not results else 0
+    print("bench: time per stage: {}".format(", ".join(
+        "{} {:.0f} s".format(k, v) for k, v in stages.items())))
+    print("bench: done in {} min {} s; report {}{}".format(
+        minutes, secs, os.path.join(a.out, "report.md"),
+        "" if complete else " (some parts failed: see the notes)"))
+    return 0 if results and complete else 1
 
 
 if __name__ == "__main__":
