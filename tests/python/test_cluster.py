@@ -1,5 +1,7 @@
-"""Workers as real processes: start, loopback binding, bad configurations, stop by PID."""
+"""Workers as real processes: start, loopback binding, credentials, bad configurations, stop
+by PID."""
 
+import os
 import socket
 
 import pytest
@@ -9,7 +11,7 @@ from conftest import free_hosts, rejects, worker_pids
 
 
 def _listen_addresses(port):
-    """Local addresses listening on ``port``, from /proc/net/tcp{,6}."""
+    """Local addresses listening on ``port`` (any process), from /proc/net/tcp{,6}."""
     found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
@@ -22,19 +24,37 @@ def _listen_addresses(port):
 
 
 def test_start_binds_loopback_only_and_stop_ends_workers():
+    from privatekeras.deploy.listening import is_loopback, listening_sockets
+    from privatekeras.deploy.pki import local_dir
+
     hosts = free_hosts()
     cluster = pk.Cluster(hosts)
     assert "stopped" in repr(cluster)
     cluster.start()
     try:
         assert cluster.running and len(cluster.pids) == 3
-        assert "running" in repr(cluster) and "loopback only" in repr(cluster)
+        assert "running" in repr(cluster) and "on this machine" in repr(cluster)
         assert set(cluster.pids) <= set(worker_pids())
-        for h in hosts:
-            port = int(h.split(":")[1])
-            addrs = _listen_addresses(port)
-            assert addrs == ["0100007F"], (h, addrs)  # 127.0.0.1, nothing else
+        # Each worker listens on two ports, both on loopback only: its API (the address it
+        # was given) and its TensorFlow compute port (which no owner or client is told).
+        compute = set()
+        for host, pid in zip(hosts, cluster.pids):
+            api = int(host.split(":")[1])
+            sockets = listening_sockets(pid)
+            assert sockets and all(is_loopback(f, a) for f, a, _ in sockets), (host, sockets)
+            ports = {p for _, _, p in sockets}
+            assert api in ports and len(ports) == 2, (host, sockets)
+            compute |= ports - {api}
+        assert len(compute) == 3 and not compute & {int(h.split(":")[1]) for h in hosts}
+        # The throw-away credentials: a private per-user directory, not a /tmp name.
+        creds = local_dir(cluster._local_key())
+        assert os.stat(creds).st_mode & 0o777 == 0o700
+        assert not creds.startswith("/tmp/") or "PRIVATEKERAS_RUNTIME_DIR" in os.environ
+        boards = cluster.status("owner")
+        assert [b.worker for b in boards] == ["worker0", "worker1", "worker2"]
+        assert all(b.state == "empty" for b in boards)
         cluster.start()  # idempotent while running
+        assert cluster.running
     finally:
         pids = cluster.pids
         cluster.stop()
@@ -42,6 +62,7 @@ def test_start_binds_loopback_only_and_stop_ends_workers():
     assert not set(pids) & set(worker_pids())
     for h in hosts:
         assert _listen_addresses(int(h.split(":")[1])) == []
+    assert not os.path.exists(creds), "stop() leaves the throw-away credentials behind"
 
 
 @pytest.mark.parametrize("hosts,match", [

@@ -57,13 +57,13 @@ def test_sequential_then_concurrent_clients_get_exactly_their_own_answers(
     images, plain, model = distinct_images
     h = ",".join(free_hosts())
     total = SEQUENTIAL + CLIENTS * PER_CLIENT
-    # Groups of up to 4 waiting queries are evaluated together: the sequential client is
-    # answered one query at a time, the concurrent ones mostly in (padded) groups.
+    # Up to 4 waiting queries are evaluated together in one private step: the sequential
+    # client is answered one query at a time, the concurrent ones mostly in (padded) groups.
     owner = Proc("owner_serve.py", ["--hosts", h, "--model", model, "--num-requests", total,
                                     "--max-group", MAX_GROUP])
     clients = []
     try:
-        owner.wait_for("SERVING", 180)
+        owner.wait_for("SERVING", 300)
         seq = Proc("load_client.py", ["--hosts", h, "--images", images, "--start", 0,
                                       "--count", SEQUENTIAL, "--out", tmp_path / "seq.npz"])
         assert seq.wait(60 + 2 * SEQUENTIAL) == 0, seq.output[-3000:]
@@ -76,22 +76,22 @@ def test_sequential_then_concurrent_clients_get_exactly_their_own_answers(
         assert owner.wait(120) == 0, owner.output[-3000:]
         # The owner answered exactly as many queries as were sent: none lost, none twice.
         assert "SERVED {}".format(total) in owner.output, owner.output[-2000:]
-        assert "TRACES 1" in owner.output  # 9 clients, one trace per group size: no retracing
-        if MAX_GROUP > 1:  # some queries were evaluated in groups
-            assert "answered requests" in owner.output
+        # serve() reports each private step; fewer steps than queries: some were grouped.
+        steps = [line for _, line in owner.lines if line.startswith("privatekeras: answered")]
+        if MAX_GROUP > 1:
+            assert len(steps) < total, len(steps)
         results = [np.load(tmp_path / "seq.npz")] + [
             np.load(tmp_path / "c{}.npz".format(k)) for k in range(CLIENTS)]
+        wrong = _tally(results, plain)  # counted first: the stress summary shows failures too
         for res in results:
             assert str(res["error"]) == "", str(res["error"])
-        wrong = _tally(results, plain)
         assert not wrong, "wrong or missing answers for images {}".format(wrong[:20])
         seq_lat = results[0]["latency"]
         print("sequential: median {:.1f} ms, p90 {:.1f} ms over {} queries".format(
             1e3 * np.median(seq_lat), 1e3 * np.percentile(seq_lat, 90), len(seq_lat)))
         conc = np.concatenate([r["latency"] for r in results[1:]])
-        groups = [line for _, line in owner.lines if "answered requests" in line]
-        print("8 concurrent clients: median {:.1f} ms per query; {} grouped steps".format(
-            1e3 * np.median(conc), len(groups)))
+        print("8 concurrent clients: median {:.1f} ms per query; {} private steps for {} "
+              "queries".format(1e3 * np.median(conc), len(steps), total))
     finally:
         for c in clients:
             c.kill()

@@ -1,7 +1,17 @@
 """Client process for load and fault tests: query images one at a time, record everything.
 
 Writes a .npz with the indices queried, their logits (NaN where a query failed), latency per
-query, and the error (type: message) of the first failure, if any.
+query, and the error (type: message) of the first failure, if any. A failure is printed as
+``QUERY FAILED at <unix time> after <s> s in <phase>: <type>: <message>``, where phase is
+``submit`` (the workers had not all accepted the shares yet) or ``fetch`` (all three held
+them: the client was waiting for its answer).
+
+--die makes the client misbehave once and exit at once with code 3 (test instrumentation,
+through the client's own internals; nothing in the library is changed):
+  submit-0   submit its shares to worker 0 only;
+  submit-12  submit its shares to workers 1 and 2 only;
+  no-fetch   submit to all three, never fetch;
+  fetch-0    submit to all three, fetch worker 0's answer shares only.
 """
 import argparse
 import os
@@ -10,6 +20,8 @@ import time
 import numpy as np
 
 import privatekeras as pk
+from privatekeras import client as client_module
+from privatekeras import wire
 
 p = argparse.ArgumentParser()
 p.add_argument("--hosts", required=True)
@@ -19,9 +31,7 @@ p.add_argument("--count", type=int, required=True)
 p.add_argument("--out", required=True)
 p.add_argument("--timeout", type=float, default=120)
 p.add_argument("--keep-going", action="store_true", help="continue after a failed query")
-p.add_argument("--die", choices=["after-ticket", "mid-put"], default=None,
-               help="send one query's shares (all, or worker 0's only) and its ticket, then "
-                    "die at once")
+p.add_argument("--die", choices=["submit-0", "submit-12", "no-fetch", "fetch-0"], default=None)
 a = p.parse_args()
 
 x = np.load(a.images)
@@ -29,36 +39,82 @@ cluster = pk.Cluster(a.hosts.split(","), auto_managed=False)
 client = pk.connect(cluster, (1, 28, 28, 1), (1, 10), timeout=a.timeout)
 print("CONNECTED", flush=True)
 
-if a.die:
-    import tensorflow as tf
 
-    from privatekeras import queues
-
-    client.query(x[a.start:a.start + 1])  # attach to the served model first
-    shares = client._layout.split(x[a.start:a.start + 1].astype(np.float64))
-    if a.die == "mid-put":  # worst case: its ticket arrived, its shares only on worker 0
-        slot = client._mailbox.inputs[0]
-        queues.enqueue(slot.device, slot.handle, [tf.constant(s) for s in shares[0]])
-    else:
-        client._mailbox.put_inputs(shares)
-    queues.enqueue(client.devices[0], client._tickets, [tf.constant(client.client_id)])
-    queues.size(client.devices[0], client._tickets)  # a round trip: what we sent has landed
-    print("DYING", flush=True)
+def die(how):
+    spec = client._spec = client._served_spec()
+    shares = client_module.share_values(x[a.start:a.start + 1].astype(np.float64))
+    query_id = os.urandom(16).hex()
+    secrets = [os.urandom(32) for _ in range(3)]
+    to = {"submit-0": [0], "submit-12": [1, 2]}.get(how, [0, 1, 2])
+    for i in to:
+        client._stubs[i].Submit(wire.M.SubmitRequest(
+            query_id=query_id, model_id=spec["model_id"], session=spec["session"],
+            shares=[wire.tensor(s) for s in shares[i]], fetch_digest=wire.digest(secrets[i])),
+            timeout=a.timeout)
+    if how == "fetch-0":
+        deadline = time.monotonic() + a.timeout
+        while not client._stubs[0].Fetch(wire.M.FetchRequest(
+                query_id=query_id, fetch_secret=secrets[0], wait_seconds=5),
+                timeout=20).ready:
+            assert time.monotonic() < deadline, "no answer from worker 0"
+    print("DYING", how, flush=True)
     os._exit(3)
+
+
+if a.die:
+    die(a.die)
+
+# Which phase a query is in: "fetch" once every worker accepted its shares (the client's
+# Submit calls are watched through a thin wrapper of its stubs).
+submitted = []
+
+
+class WatchedSubmit:
+    def __init__(self, method):
+        self.method = method
+
+    def future(self, *args, **kwargs):
+        call = self.method.future(*args, **kwargs)
+        submitted.append(call)
+        return call
+
+    def __call__(self, *args, **kwargs):
+        return self.future(*args, **kwargs).result()
+
+
+class WatchedStub:
+    def __init__(self, stub):
+        self.stub = stub
+        self.Submit = WatchedSubmit(stub.Submit)
+
+    def __getattr__(self, name):
+        return getattr(self.stub, name)
+
+
+client._stubs = [WatchedStub(s) for s in client._stubs]
+
+
+def phase():
+    calls = submitted[-3:]
+    done = len(calls) == 3 and all(c.done() and not c.cancelled() and c.exception() is None
+                                   for c in calls)
+    return "fetch" if done else "submit"
+
 
 idx = np.arange(a.start, a.start + a.count)
 logits = np.full((a.count, 10), np.nan, dtype=np.float32)
 latency = np.full(a.count, np.nan)
 error = ""
 for k, i in enumerate(idx):
+    del submitted[:]
     t0 = time.perf_counter()
     try:
         logits[k] = client.query(x[i:i + 1])[0]
     except pk.PrivateKerasError as exc:
         latency[k] = time.perf_counter() - t0
         error = error or "{}: {}".format(type(exc).__name__, exc)
-        print("QUERY FAILED at {:.3f} after {:.2f} s: {}".format(time.time(), latency[k], error),
-              flush=True)
+        print("QUERY FAILED at {:.3f} after {:.2f} s in {}: {}: {}".format(
+            time.time(), latency[k], phase(), type(exc).__name__, exc), flush=True)
         if not a.keep_going:
             break
         continue

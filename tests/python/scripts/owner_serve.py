@@ -1,7 +1,10 @@
-"""Model owner for load and fault tests: serve until told to stop, survive worker faults.
+"""Model owner for load, fault and access tests: serve until told to stop, survive worker
+faults.
 
 Prints machine-readable lines: WORKERS <pids>, SERVING, SERVED <n>, SERVE FAILED <type>
-<seconds>, RESTARTED, SERVED AGAIN <n>. Stops serving when the file --stop-file appears.
+<seconds>: <message>, STOPPED, RESTARTED <pids>, SERVED AGAIN <n>. With --stop-file, stops
+serving (SharedModel.stop()) when that file appears; without --num-requests it serves until
+then.
 """
 import argparse
 import os
@@ -36,11 +39,7 @@ def serve_once(num_requests):
     if a.stop_file:
         threading.Thread(target=watch_stop_file, args=(shared,), daemon=True).start()
     print("SERVING", flush=True)
-    answered = shared.serve(num_requests=num_requests)
-    # One trace serves every client: the step takes the client's queues as arguments.
-    print("TRACES", max(step.experimental_get_tracing_count()
-                        for step in shared._steps.values()), flush=True)
-    return answered
+    return shared.serve(num_requests=num_requests)
 
 
 try:
@@ -53,6 +52,9 @@ try:
     except pk.WorkerUnavailableError as exc:
         print("SERVE FAILED {} {:.1f}: {}".format(type(exc).__name__, time.monotonic() - t0,
                                                   exc), flush=True)
+        print("WORKER EXIT CODES", [p.poll() for p in cluster._procs], flush=True)
+        for i in range(3):  # what the workers said (their logs go when the cluster stops)
+            print("WORKER {} LOG:\n{}".format(i, cluster._worker_log(i, tail=4000)), flush=True)
         if not a.restart_after_fault:
             raise
         cluster.stop()
