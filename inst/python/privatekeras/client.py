@@ -40,28 +40,61 @@ def softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _gather(futures, names):
-    """Results of calls to the workers, in order; the first failure cancels the others and
-    is raised (translated, naming its worker)."""
-    done = threading.Event()
-    remaining = [len(futures)]
-    lock = threading.Lock()
+async def _all(calls, names):
+    """Results of asyncio calls to workers, in order; the first failure cancels the others
+    and is raised (translated, naming its worker)."""
+    import asyncio
 
-    def finished(future):
-        with lock:
-            remaining[0] -= 1
-            if remaining[0] == 0 or (not future.cancelled() and future.exception() is not None):
-                done.set()
-
-    for future in futures:
-        future.add_done_callback(finished)
-    done.wait()
-    for future, name in zip(futures, names):
-        if future.done() and not future.cancelled() and future.exception() is not None:
-            for other in futures:
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for task, name in zip(tasks, names):
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            for other in tasks:
                 other.cancel()
-            raise wire.translate(future.exception(), name) from None
-    return [future.result() for future in futures]
+            raise wire.translate(task.exception(), name) from None
+    return [task.result() for task in tasks]
+
+
+class _Link:
+    """This client's asyncio channels to the three workers, served by an event loop on a
+    private daemon thread; :meth:`run` runs a coroutine there and waits for its result.
+    (Blocking gRPC starts a thread for every concurrent call; this starts none.)"""
+
+    def __init__(self, cluster):
+        import asyncio
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever,
+                                        name="privatekeras-client", daemon=True)
+        self._thread.start()
+        creds = cluster.credentials("client")
+
+        async def open_stubs():
+            return [wire.Stub(wire.aio_channel(h, creds, n))
+                    for h, n in zip(cluster.hosts, cluster.worker_names)]
+
+        self.stubs = self.run(open_stubs())
+
+    def run(self, coroutine):
+        import asyncio
+
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. Ctrl-C in the caller: the calls are cancelled too
+            raise
+
+    def close(self):
+        async def close_all():
+            for stub in self.stubs:
+                await stub.close()
+
+        try:
+            self.run(close_all())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
 
 
 class Client:
@@ -84,7 +117,7 @@ class Client:
                              "{} and {}".format(self.input_shape, self.output_shape))
         self.timeout = float(timeout)
         self._spec = None
-        self._stubs = None
+        self._link = None
 
     def __repr__(self):
         return "<privatekeras.Client input={} output={} cluster={}>".format(
@@ -99,8 +132,8 @@ class Client:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                self._stubs = self.cluster.stubs("client")
                 self.cluster.status("client", timeout=max(1.0, min(5.0, self.timeout)))
+                self._link = _Link(self.cluster)
                 return self
             except (WorkerUnavailableError, CredentialsError) as exc:
                 self._forget()
@@ -118,7 +151,10 @@ class Client:
     def _forget(self):
         """Drop the channels (and the credentials they hold): the next call reloads them, as
         after the owner restarted a cluster with a new throw-away CA."""
-        self._spec = self._stubs = None
+        self._spec = None
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
         self.cluster.forget("client")
 
     def _served_spec(self):
@@ -184,7 +220,7 @@ class Client:
         (the last one padded with zeros, which are discarded).
         """
         x = self._check_input(x)
-        if self._stubs is None:
+        if self._link is None:
             self._open()
         if self._spec is None:
             self._spec = self._served_spec()
@@ -201,25 +237,16 @@ class Client:
         return softmax(self.query(x).astype(np.float64)).astype(np.float32)
 
     def _query_batch(self, xb):
-        spec, names = self._spec, self.cluster.worker_names
+        spec = self._spec
         shares = share_values(xb)
         query_id = os.urandom(16).hex()
         secrets = [os.urandom(32) for _ in range(3)]
-        submits = [stub.Submit.future(wire.M.SubmitRequest(
+        submits = [wire.M.SubmitRequest(
             query_id=query_id, model_id=spec["model_id"], session=spec["session"],
-            shares=[wire.tensor(s) for s in shares[i]], fetch_digest=wire.digest(secrets[i])),
-            timeout=self.timeout) for i, stub in enumerate(self._stubs)]
-        # Each Fetch goes right behind its Submit (the worker waits for the Submit if the
-        # Fetch overtakes it), so the answer costs no extra round trip.
-        fetches = self._fetch_calls(query_id, secrets, range(3), time.monotonic() + self.timeout)
+            shares=[wire.tensor(s) for s in shares[i]], fetch_digest=wire.digest(secrets[i]))
+            for i in range(3)]
         try:
-            try:
-                _gather(submits, names)
-            except BaseException:
-                for call in fetches:
-                    call.cancel()
-                raise
-            answers = self._fetch(query_id, secrets, fetches)
+            answers = self._link.run(self._exchange(query_id, submits, secrets))
         except NotServingError:
             self._spec = None  # look the served model up again next time
             raise
@@ -230,21 +257,33 @@ class Client:
         per_worker = [tuple(wire.array(t, out_shape) for t in reply.shares) for reply in answers]
         return reconstruct_values(per_worker)
 
-    def _fetch_calls(self, query_id, secrets, workers, deadline):
-        wait = max(0.0, min(FETCH_WAIT, deadline - time.monotonic()))
-        return [self._stubs[i].Fetch.future(wire.M.FetchRequest(
-            query_id=query_id, fetch_secret=secrets[i], wait_seconds=wait), timeout=wait + 10.0)
-            for i in workers]
+    async def _exchange(self, query_id, submits, secrets):
+        """Submit to each worker its shares and fetch its answer shares; each Fetch goes
+        right behind its Submit (a worker holds a Fetch that overtakes its Submit), so the
+        answer costs no extra round trip. Asks again while a worker says "not yet"."""
+        import asyncio
 
-    def _fetch(self, query_id, secrets, calls):
-        """Each worker's answer shares, asking again while a worker says "not yet"."""
-        replies = [None] * 3
+        stubs, names = self._link.stubs, self.cluster.worker_names
         deadline = time.monotonic() + self.timeout
-        pending = [0, 1, 2]
+
+        def fetch(i):
+            wait = max(0.0, min(FETCH_WAIT, deadline - time.monotonic()))
+            return stubs[i].Fetch(wire.M.FetchRequest(query_id=query_id, fetch_secret=secrets[i],
+                                                      wait_seconds=wait), timeout=wait + 10.0)
+
+        sent = [stubs[i].Submit(submits[i], timeout=self.timeout) for i in range(3)]
+        calls = {i: fetch(i) for i in range(3)}
+        try:
+            await _all(sent, names)
+        except BaseException:
+            for call in calls.values():
+                call.cancel()
+            raise
+        replies = [None] * 3
         while True:
             asked = time.monotonic()
-            got = _gather(calls, [self.cluster.worker_names[i] for i in pending])
-            for i, reply in zip(pending, got):
+            got = await _all(list(calls.values()), [names[i] for i in calls])
+            for i, reply in zip(list(calls), got):
                 if reply.ready:
                     replies[i] = reply
             pending = [i for i in range(3) if replies[i] is None]
@@ -255,8 +294,8 @@ class Client:
                     "no answer within {:.0f} s: the workers are overloaded, stuck or "
                     "gone".format(self.timeout))
             if time.monotonic() - asked < 0.05:
-                time.sleep(0.05)  # a busy worker answered "not yet" at once: do not spin
-            calls = self._fetch_calls(query_id, secrets, pending, deadline)
+                await asyncio.sleep(0.05)  # a busy worker said "not yet" at once: no spin
+            calls = {i: fetch(i) for i in pending}
 
     def close(self):
         """Forget the served model and the connection (``query()`` reconnects)."""

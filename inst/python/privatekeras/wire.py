@@ -30,6 +30,7 @@ import hashlib
 import hmac
 
 import grpc
+import grpc.aio
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -178,12 +179,16 @@ def translate(exc, where):
         return KINDS[kind][1](message)
     if code == grpc.StatusCode.UNAVAILABLE:
         lowered = details.lower()
-        if "handshake" in lowered or "ssl" in lowered or "certificate" in lowered:
+        if any(w in lowered for w in ("handshake", "ssl", "certificate", "hostname")):
             return AccessDeniedError(
                 "the TLS handshake with worker {} failed: it does not accept this party's "
-                "certificate, or its own is not from this cluster's CA ({}). Use the "
-                "credentials of this cluster (hosts file / a cluster started by this "
-                "user)".format(where, details.strip()))
+                "certificate, or its own is not from this cluster's CA or does not name it "
+                "({}). Use the credentials of this cluster (hosts file / a cluster started "
+                "by this user)".format(where, details.strip()))
+        if "socket closed" in lowered:  # what a worker's refusal of a certificate looks like
+            return WorkerUnavailableError(
+                "worker {} closed the connection: it is unreachable, or it refused this "
+                "party's certificate (not of this cluster's CA)".format(where))
         return WorkerUnavailableError("worker {} is unreachable: {}".format(
             where, details.strip() or "connection failed"))
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -200,9 +205,7 @@ def translate(exc, where):
 
 
 # -- channels (callers) -------------------------------------------------------------------
-def channel(address, credentials, worker_name):
-    """A mutually authenticated channel to a worker's API; the worker must present a
-    certificate of the cluster's CA naming ``worker_name``."""
+def _channel_args(credentials, worker_name):
     creds = grpc.ssl_channel_credentials(root_certificates=credentials.ca,
                                          private_key=credentials.key,
                                          certificate_chain=credentials.cert)
@@ -211,12 +214,28 @@ def channel(address, credentials, worker_name):
                ("grpc.max_send_message_length", MAX_MESSAGE),
                ("grpc.max_receive_message_length", MAX_MESSAGE),
                ("grpc.enable_retries", 0)]
+    return creds, options
+
+
+def channel(address, credentials, worker_name):
+    """A mutually authenticated channel to a worker's API; the worker must present a
+    certificate of the cluster's CA naming ``worker_name``."""
+    creds, options = _channel_args(credentials, worker_name)
     return grpc.secure_channel(address, creds, options=options)
 
 
+def aio_channel(address, credentials, worker_name):
+    """The same channel for asyncio (:mod:`grpc.aio`); make it inside the event loop that
+    will use it. Calls on it start without a thread each (the blocking API's ``future()``
+    starts one), which is what a client's per-query calls need."""
+    creds, options = _channel_args(credentials, worker_name)
+    return grpc.aio.secure_channel(address, creds, options=options)
+
+
 class Stub:
-    """Callables for every method of one worker, over ``channel``: ``stub.Submit(request,
-    timeout=...)``, ``stub.Fetch.future(...)``, ``for event in stub.Serve(request)``."""
+    """Callables for every method of one worker, over ``channel`` (blocking or asyncio):
+    ``stub.Submit(request, timeout=...)``, ``stub.Fetch.future(...)``, ``for event in
+    stub.Serve(request)``; with an asyncio channel, ``await stub.Submit(...)``."""
 
     def __init__(self, chan):
         self.channel = chan
@@ -227,7 +246,8 @@ class Stub:
                                      response_deserializer=getattr(M, reply).FromString))
 
     def close(self):
-        self.channel.close()
+        """Close the channel (for an asyncio channel: returns the coroutine to await)."""
+        return self.channel.close()
 
 
 # -- handlers (the worker's side) ---------------------------------------------------------

@@ -3,6 +3,7 @@ its Fetch calls are held back until the file --go exists, and the first prints
 ``QID <query id>``; then it saves its logits.
 """
 import argparse
+import asyncio
 import os
 import time
 
@@ -23,32 +24,28 @@ client = pk.connect(pk.Cluster(a.hosts.split(","), auto_managed=False), (1, 28, 
 
 
 class HeldFetch:
-    """The client's Fetch calls to one worker, held back until --go exists; the first one
-    prints the query id (by then the Submit calls are on their way)."""
+    """The client's Fetch calls to one worker (asyncio), held back until --go exists; the
+    first one prints the query id (by then the Submit calls are on their way)."""
 
     def __init__(self, method):
         self.method = method
 
-    def _hold(self, request):
-        if not held:
-            held.append(request.query_id)
-            print("QID", request.query_id, flush=True)
-        deadline = time.monotonic() + 120
-        while not os.path.exists(a.go):
-            assert time.monotonic() < deadline, "no go"
-            time.sleep(0.05)
-
-    def future(self, request, *args, **kwargs):
-        self._hold(request)
-        return self.method.future(request, *args, **kwargs)
-
     def __call__(self, request, *args, **kwargs):
-        self._hold(request)
-        return self.method(request, *args, **kwargs)
+        async def held_call():
+            if not held:
+                held.append(request.query_id)
+                print("QID", request.query_id, flush=True)
+            deadline = time.monotonic() + 120
+            while not os.path.exists(a.go):
+                assert time.monotonic() < deadline, "no go"
+                await asyncio.sleep(0.05)
+            return await self.method(request, *args, **kwargs)
+
+        return asyncio.ensure_future(held_call())  # a task: cancel() works as on a call
 
 
 held = []
-for stub in client._stubs:
+for stub in client._link.stubs:
     stub.Fetch = HeldFetch(stub.Fetch)
 x = np.load(a.images)[a.index:a.index + 1]
 np.save(a.out, client.query(x))

@@ -84,10 +84,42 @@ class _TappedMethod:
         return future
 
 
+class _TappedAsyncMethod:
+    """The same for a client's asyncio stubs: the call becomes a task that keeps the reply."""
+
+    def __init__(self, inner, worker, method):
+        self._inner, self._worker, self._method = inner, worker, method
+
+    def __call__(self, request, *args, **kwargs):
+        import asyncio
+
+        _keep(self._worker, self._method, "request", request)
+        call = self._inner(request, *args, **kwargs)
+
+        async def keep_reply():
+            reply = await call
+            _keep(self._worker, self._method, "reply", reply)
+            return reply
+
+        return asyncio.ensure_future(keep_reply())  # cancel() works as on a call
+
+
 def record_api():
-    """From now on, every stub a Cluster makes in this process records its messages."""
+    """From now on, every stub a Cluster (or a client's asyncio link) makes in this process
+    records its messages."""
+    from privatekeras import client as client_module
     from privatekeras import wire
     from privatekeras.cluster import Cluster
+
+    link_init = client_module._Link.__init__
+
+    def init(self, cluster):
+        link_init(self, cluster)
+        for i, stub in enumerate(self.stubs):
+            for name in wire.METHODS:
+                setattr(stub, name, _TappedAsyncMethod(getattr(stub, name), i, name))
+
+    client_module._Link.__init__ = init
 
     original = Cluster.stubs
 
