@@ -29,8 +29,8 @@ check_hosts <- function(hosts) {
   }
   bad <- hosts[!grepl("^.+:[0-9]+$", hosts)]
   if (length(bad)) {
-    stop(sprintf("worker address %s has no port: write it as \"host:port\", e.g. \"localhost:4000\"",
-                 deparse1(bad[[1]])), call. = FALSE)
+    stop(sprintf(paste0("worker address %s has no port: write it as \"host:port\", ",
+                        "e.g. \"localhost:4000\""), deparse1(bad[[1]])), call. = FALSE)
   }
   if (anyDuplicated(hosts)) {
     stop("the three worker addresses must be distinct; got ", deparse1(hosts), call. = FALSE)

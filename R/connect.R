@@ -1,14 +1,22 @@
 #' Connect a client to a served model
 #'
 #' The client secret-shares each input in this R session (with the operating
-#' system's CSPRNG), sends each worker only its own shares, and reconstructs
-#' the logits here: no worker sees the input or the output.
+#' system's CSPRNG), sends each worker only its own shares through the
+#' worker's API (gRPC with mutual TLS), fetches each worker's answer shares
+#' with a secret only it knows, and reconstructs the logits here: no worker
+#' sees the input or the output. A client runs no TensorFlow: numpy and grpcio
+#' are all it needs (`install_privatekeras(role = "client")`).
+#'
+#' On one machine, a client run by the same user as the model owner finds the
+#' cluster's credentials by its addresses, with no configuration; `connect()`
+#' waits up to `timeout` seconds for the owner to start the cluster.
 #'
 #' @param cluster A [pk_cluster()] with the workers' addresses (it need not be
 #'   started by this session: use `auto_managed = FALSE`).
 #' @param input_shape Shape of one query, batch first, e.g. `c(1, 28, 28, 1)`.
 #' @param output_shape Shape of one answer, batch first, e.g. `c(1, 10)`.
-#' @param timeout Seconds to wait for a served model and for each answer.
+#' @param timeout Seconds to wait for the workers (and, on one machine, for
+#'   the cluster's credentials), for a served model and for each answer.
 #' @return A `pk_client`; pass it to [query()].
 #' @examples
 #' \dontrun{
@@ -49,10 +57,9 @@ print.pk_client <- function(x, ...) {
 
 #' Disconnect a client from the cluster
 #'
-#' Detaches this R session from the workers, back to local TensorFlow. Call it
-#' when done querying: while connected, TensorFlow registers every new function
-#' (even a plain `model$predict()`) on the workers, which hangs once the model
-#' owner has stopped them. A later [query()] reconnects.
+#' Forgets the connection and the served model's description; a later
+#' [query()] with the same client connects again. Nothing else changes in this
+#' R session: a client runs no TensorFlow and never joins the workers.
 #'
 #' @param client A [connect()]ed client.
 #' @return The client, invisibly.

@@ -1,13 +1,16 @@
 #' privatekeras: private predictions from Keras models
 #'
 #' A model owner secret-shares a trained Keras model's weights among three
-#' workers, which run the ABY3 three-party computation protocol and serve a
-#' queue of private predictions; a client secret-shares its input locally and
-#' alone reconstructs the logits.
+#' workers, which run the ABY3 three-party computation protocol and answer
+#' private queries; a client secret-shares its input locally and alone
+#' reconstructs the logits. Only the three workers compute: the owner and the
+#' clients reach them through a small authenticated API (gRPC with mutual
+#' TLS), and a client needs no TensorFlow.
 #'
 #' The verbs mirror the Python core one to one: [pk_cluster()], [pk_start()],
 #' [pk_stop()], [share()], [serve()], [stop_serving()], [connect()], [query()],
-#' [predict_proba()]. [install_privatekeras()] sets up the Python side once.
+#' [predict_proba()], [disconnect()]. [install_privatekeras()] sets up the
+#' Python side once (`role = "client"` for a client-only environment).
 #'
 #' @keywords internal
 "_PACKAGE"
@@ -17,6 +20,13 @@ pk_env <- new.env(parent = emptyenv())
 
 .onLoad <- function(libname, pkgname) {
   Sys.setenv(TF_CPP_MIN_LOG_LEVEL = Sys.getenv("TF_CPP_MIN_LOG_LEVEL", "2"))
+  # R starts processes by fork() + exec() (processx, callr) and never uses gRPC in a forked
+  # child. With gRPC's fork support on, its fork handlers restart the poller thread in the
+  # child, which aborts (SIGABRT, "epoll_wait error: Bad file descriptor") when the child
+  # closes its descriptors before exec: the child dies before it runs. Off unless set.
+  if (!nzchar(Sys.getenv("GRPC_ENABLE_FORK_SUPPORT"))) {
+    Sys.setenv(GRPC_ENABLE_FORK_SUPPORT = "false")
+  }
   configure_python()
   pk_env$module <- reticulate::import_from_path(
     "privatekeras",
@@ -64,7 +74,7 @@ pk_core <- function() {
 #' @examples
 #' \dontrun{
 #' sy <- pk_python()
-#' hook <- sy$KerasHook(tensorflow::tf$keras)
+#' hook <- sy$KerasHook(reticulate::import("tensorflow")$keras)
 #' }
 #' @export
 pk_python <- function() pk_core()
@@ -72,6 +82,7 @@ pk_python <- function() pk_core()
 # Run a call into Python; a Python exception becomes an R error with the same
 # message and a class naming the Python exception.
 pk_call <- function(expr) {
+  caller <- sys.call(-1)  # the verb that called pk_call(), for the R error's call
   tryCatch(expr, error = function(e) {
     if (!inherits(e, "Rcpp::exception") && !inherits(e, "python.builtin.object")) stop(e)
     msg <- conditionMessage(e)
@@ -85,7 +96,7 @@ pk_call <- function(expr) {
     short <- sub(".*\\.", "", cls)
     stop(structure(
       class = c(paste0("privatekeras_", short), "privatekeras_error", "error", "condition"),
-      list(message = body, call = sys.call(-1), python_class = cls)
+      list(message = body, call = caller, python_class = cls)
     ))
   })
 }

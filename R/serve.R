@@ -1,11 +1,14 @@
 #' Serve private predictions
 #'
-#' `serve()` answers queries from clients (see [connect()]) until
-#' `num_requests` have been answered, then returns once the last answer has
-#' been collected. With `num_requests = NULL` it serves until interrupted.
-#' It blocks the R session: run it in a background process (e.g. with callr)
-#' when the same session must do other work. `stop_serving()` withdraws the
-#' model so that clients get a clear error instead of waiting.
+#' `serve()` asks worker 0 to answer queries from clients (see [connect()])
+#' until `num_requests` have been answered, then returns once the last answer
+#' has been collected. With `num_requests = NULL` it serves until interrupted
+#' or until `stop_serving()`. The workers alone compute; this session only
+#' holds the serving call open: if it ends, worker 0 stops serving and waiting
+#' clients get an error saying the owner is gone. `serve()` blocks the R
+#' session: run it in a background process (e.g. with callr) when the same
+#' session must do other work. `stop_serving()` ends serving, so that clients
+#' get a clear error instead of waiting.
 #'
 #' @param shared_model A [share()]d model.
 #' @param num_requests How many queries to answer, or `NULL` for no limit.

@@ -2,15 +2,17 @@
 #'
 #' Converts the model layer by layer (Conv2D, Dense, pooling, ReLU, Flatten,
 #' Reshape, BatchNormalization folded, Dropout; a final softmax is applied by
-#' the client) and secret-shares every weight from this R session onto the
-#' three workers. Nothing in clear leaves this process. It also traces the
-#' private step and runs it once on zeros (10-30 s), so [serve()] answers its
-#' first query at full speed.
+#' the client), encodes and secret-shares every weight in this R session, and
+#' uploads to each worker only its own shares with the model's public spec
+#' (architecture and shapes). Nothing in clear leaves this process. Worker 0
+#' then traces the private step and runs it once on zeros (10-30 s), so
+#' [serve()] answers its first query at full speed.
 #'
 #' @param model An R keras/keras3 model, a Keras model made through
 #'   reticulate, or the path of a `.keras`/`.h5` file.
 #' @param cluster A started [pk_cluster()].
-#' @param protocol `"aby3"` or `"securenn"`; defaults to the cluster's.
+#' @param protocol `"aby3"` (the default, the cluster's, and the only one
+#'   offered; `"securenn"` is refused with the Python core's error).
 #' @param batch_size Images per private evaluation; defaults to the model's
 #'   fixed batch size, else 1.
 #' @param max_group When several clients' queries are waiting, evaluate up to

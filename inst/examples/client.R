@@ -1,5 +1,6 @@
 # The client's script, in another R process:
 #   Rscript client.R [hosts] [n_images]
+# A client needs no TensorFlow: install_privatekeras(role = "client") is enough here.
 library(privatekeras)
 
 args <- commandArgs(trailingOnly = TRUE)

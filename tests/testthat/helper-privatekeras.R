@@ -53,7 +53,8 @@ tutorial_model <- local({
     path_any <- tempfile(fileext = ".keras")  # the same weights, no fixed batch size
     trainer$save(path_any)
     images <- f$test$x[1:10, , , , drop = FALSE]
-    cache <<- list(path = path, path_any = path_any, model = model, images = images, labels = f$test$y[1:10],
+    cache <<- list(path = path, path_any = path_any, model = model, images = images,
+                   labels = f$test$y[1:10],
                    logits = trainer$predict(images, verbose = 0L))
     cache
   }
@@ -67,10 +68,45 @@ expect_private_matches <- function(private, plain, atol = 0.05) {
   expect_lt(max(abs(private - plain)), atol)
 }
 
-worker_count <- function() {
-  cmd <- vapply(list.files("/proc", pattern = "^[0-9]+$", full.names = TRUE), function(d) {
+# Worker processes (`python -m privatekeras worker ...`, or the `privatekeras worker`
+# script): their cmdlines, with the NUL separators made spaces, hold "privatekeras worker".
+# Only children of `parent` (by default this R process, which spawns them through
+# Cluster.start()), so that other test runs on the machine do not count.
+worker_count <- function(parent = Sys.getpid()) {
+  dirs <- list.files("/proc", pattern = "^[0-9]+$", full.names = TRUE)
+  is_worker <- vapply(dirs, function(d) {
     x <- tryCatch(readBin(file.path(d, "cmdline"), "raw", 4096), error = function(e) raw())
-    rawToChar(x[x != as.raw(0)])
-  }, character(1))
-  sum(grepl("privatekeras.worker", cmd, fixed = TRUE))
+    x[x == as.raw(0)] <- as.raw(32)
+    if (!grepl("privatekeras worker ", rawToChar(x), fixed = TRUE)) return(FALSE)
+    if (is.null(parent)) return(TRUE)
+    status <- tryCatch(readLines(file.path(d, "status"), warn = FALSE),
+                       error = function(e) character())
+    ppid <- sub("^PPid:[[:space:]]*", "", grep("^PPid:", status, value = TRUE))
+    identical(ppid, as.character(parent))
+  }, logical(1))
+  sum(is_worker)
+}
+
+# Python packages the client side must not load (a client is numpy + grpcio).
+HEAVY_MODULES <- c("tensorflow", "keras", "tf_encrypted", "tf2onnx", "onnx", "h5py")
+
+# This process's environment for a child process, with `...` set (NULL removes a variable).
+child_env <- function(...) {
+  env <- as.list(Sys.getenv())
+  set <- list(...)
+  for (name in names(set)) env[[name]] <- set[[name]]
+  unlist(env)
+}
+
+# The end of each worker's log (auto-managed workers of a started cluster), for failures.
+cluster_logs <- function(cluster, lines = 15L) {
+  dir <- tryCatch(cluster$py$`_logdir`, error = function(e) NULL)
+  if (is.null(dir) || !dir.exists(dir)) return("(no worker logs)")
+  logs <- vapply(sort(list.files(dir, full.names = TRUE)), function(f) {
+    noise <- paste0("^I0000|^WARNING: All log|^ *[{}]? *$|",
+                    "^ *(key|value|device_count|gpu_options|experimental|allow_soft|pluggable)")
+    keep <- grep(noise, readLines(f, warn = FALSE), value = TRUE, invert = TRUE)
+    paste0("--- ", basename(f), ":\n", paste(utils::tail(keep, lines), collapse = "\n"))
+  }, "")
+  paste(logs, collapse = "\n")
 }

@@ -75,12 +75,69 @@ test_that("install_privatekeras() refuses a missing Python", {
   expect_error(install_privatekeras(python = "/nonexistent/python3"), "no Python 3 found")
 })
 
-test_that("connecting to workers that are not running fails within the timeout", {
+test_that("connecting to a cluster that is not running fails within the timeout", {
   skip_if_no_privatekeras()
   cl <- pk_cluster(free_hosts(), auto_managed = FALSE)
+  # Never started here: no credentials for it (connect() waits for them until the timeout).
+  t0 <- Sys.time()
+  err <- tryCatch(connect(cl, c(1, 28, 28, 1), c(1, 10), timeout = 2), error = function(e) e)
+  expect_s3_class(err, "privatekeras_CredentialsError")
+  expect_match(conditionMessage(err), "not started by this user.*pk_start\\(\\)")
+  expect_lt(as.numeric(difftime(Sys.time(), t0, units = "secs")), 15)
+  # Its credentials exist (as `privatekeras pki --hosts` makes them), no worker listens.
+  pki <- reticulate::import("privatekeras.deploy.pki")
+  key <- cl$py$`_local_key`()
+  pki$make_local(key)
+  on.exit(pki$remove_local(key), add = TRUE)
   t0 <- Sys.time()
   err <- tryCatch(connect(cl, c(1, 28, 28, 1), c(1, 10), timeout = 2), error = function(e) e)
   expect_s3_class(err, "privatekeras_WorkerUnavailableError")
   expect_match(conditionMessage(err), "is the cluster started\\?")
-  expect_lt(as.numeric(difftime(Sys.time(), t0, units = "secs")), 15)
+  expect_lt(as.numeric(difftime(Sys.time(), t0, units = "secs")), 20)
+  expect_identical(conditionCall(err)[[1]], as.name("connect"))
+})
+
+test_that("SecureNN and Pond are refused with the Python core's reason", {
+  skip_if_no_privatekeras()
+  err <- tryCatch(pk_cluster(free_hosts(), protocol = "securenn"), error = function(e) e)
+  expect_s3_class(err, "privatekeras_ValueError")
+  expect_match(conditionMessage(err), "'securenn' is withdrawn.*worker 2 learns")
+  expect_error(pk_cluster(free_hosts(), protocol = "pond"), "'pond' is not offered")
+  expect_error(pk_cluster(free_hosts(), protocol = c("aby3", "securenn")), "single string")
+  cl <- pk_cluster(free_hosts())
+  expect_equal(cl$protocol, "aby3")
+  expect_error(share(tempfile(), cl), "not an existing")
+  junk <- tempfile(fileext = ".keras")
+  writeLines("not a model", junk)
+  expect_error(share(junk, cl, protocol = "securenn"), "'securenn' is withdrawn")
+})
+
+test_that("processes started from R survive while gRPC is busy in this R process", {
+  # R forks its children (processx, callr); with gRPC's fork support on, such a child could
+  # die of SIGABRT before exec. library(privatekeras) turns that support off.
+  skip_if_no_privatekeras()
+  skip_if_not_installed("processx")
+  expect_equal(Sys.getenv("GRPC_ENABLE_FORK_SUPPORT"), "false")
+  reticulate::py_run_string(paste(
+    "import grpc, threading",
+    "from concurrent import futures",
+    "pk_srv = grpc.server(futures.ThreadPoolExecutor(2))",
+    "pk_port = pk_srv.add_insecure_port('127.0.0.1:0')",
+    "pk_srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler('t.T', {'Echo':",
+    "    grpc.unary_unary_rpc_method_handler(lambda r, c: r)}),))",
+    "pk_srv.start()",
+    "pk_ch = grpc.insecure_channel('127.0.0.1:%d' % pk_port)",
+    "pk_echo = pk_ch.unary_unary('/t.T/Echo')",
+    "pk_busy = threading.Event()",
+    "def pk_loop():",
+    "    while not pk_busy.is_set():",
+    "        pk_echo(b'x', timeout=5)",
+    "pk_threads = [threading.Thread(target=pk_loop, daemon=True) for _ in range(2)]",
+    "[t.start() for t in pk_threads]", sep = "\n"))
+  on.exit(reticulate::py_run_string(
+    "pk_busy.set(); [t.join() for t in pk_threads]; pk_ch.close(); pk_srv.stop(None)"),
+    add = TRUE)
+  status <- vapply(1:200, function(i) processx::run("true", error_on_status = FALSE)$status,
+                   numeric(1))
+  expect_equal(sum(status != 0), 0)
 })

@@ -1,6 +1,6 @@
 # The whole flow from R against real workers; private logits are compared with
-# plaintext Keras. One R process can join one cluster (a TensorFlow limit), so
-# this session is first the model owner, then a client, of the same cluster.
+# plaintext Keras. This session is first the model owner (a client in another R
+# process), then a client of a model served by another R process, of the same cluster.
 
 test_that("R owner and R client (separate processes) agree with plaintext Keras", {
   skip_if_no_privatekeras()
@@ -11,8 +11,10 @@ test_that("R owner and R client (separate processes) agree with plaintext Keras"
   expect_output(print(cl), "stopped")
   pk_start(cl)
   on.exit(pk_stop(cl), add = TRUE)
+  expect_equal(worker_count(), 3L)
   expect_output(print(cl), "worker2 .* running, pid [0-9]+")
-  expect_output(print(cl), "loopback only")
+  expect_output(print(cl), "APIs \\(mutual TLS\\) on loopback only")
+  expect_output(print(cl), "workers' TensorFlow ports on loopback only")
 
   sm <- share(m$path, cl)
   expect_s3_class(sm, "pk_shared_model")
@@ -23,12 +25,20 @@ test_that("R owner and R client (separate processes) agree with plaintext Keras"
     library(privatekeras)
     cl <- pk_cluster(hosts, auto_managed = FALSE)
     client <- connect(cl, c(1, 28, 28, 1), c(1, 10), timeout = 120)
-    q <- query(client, images[1:3, , , , drop = FALSE])    # three images, batch 1 each
+    q <- query(client, images[1:2, , , , drop = FALSE])    # two images, batch 1 each
+    disconnect(client)                                      # forgets the connection ...
+    q <- rbind(q, query(client, images[3, , , , drop = FALSE]))  # ... a query reconnects
     p <- predict_proba(client, images[4, , , , drop = FALSE])
-    list(q = q, p = p, printed = capture.output(print(client)))
+    list(q = q, p = p, printed = capture.output(print(client)),
+         tf = reticulate::py_eval("__import__('sys').modules.get('tensorflow') is not None"))
   }, args = list(hosts = hosts, images = m$images))
-  n <- serve(sm, num_requests = 4, idle_timeout = 180)
+  n <- tryCatch(serve(sm, num_requests = 4, idle_timeout = 180), error = function(e) e)
   client$wait(60000)
+  if (inherits(n, "error")) {
+    stop("serve: ", conditionMessage(n), "\n--- client:\n",
+         paste(client$read_all_error_lines(), collapse = "\n"), "\n", cluster_logs(cl),
+         call. = FALSE)
+  }
   res <- client$get_result()
   expect_equal(n, 4L)
   expect_output(print(sm), "4 queries answered")
@@ -37,6 +47,7 @@ test_that("R owner and R client (separate processes) agree with plaintext Keras"
   expect_equal(sum(res$p), 1, tolerance = 1e-5)
   expect_lt(max(abs(res$p[1, ] - plain_p)), 0.01)
   expect_match(paste(res$printed, collapse = "\n"), "served model aby3, batch 1")
+  expect_false(res$tf)  # the client process never imported TensorFlow
 
   # Now this session is the client, of a model served (batch 2) by another process.
   owner <- callr::r_bg(function(hosts, path) {
@@ -48,9 +59,16 @@ test_that("R owner and R client (separate processes) agree with plaintext Keras"
     n
   }, args = list(hosts = hosts, path = m$path_any))
   cl_client <- pk_cluster(hosts, auto_managed = FALSE)
-  client <- connect(cl_client, c(2, 28, 28, 1), c(2, 10), timeout = 120)
+  client <- connect(cl_client, c(2, 28, 28, 1), c(2, 10), timeout = 300)
   expect_output(print(client), "input shape  2 x 28 x 28 x 1")
-  q <- query(client, m$images[1:3, , , , drop = FALSE])  # 3 rows: two batches, one padded
+  # 3 rows: two batches, one padded. (Waits for the owner to share and serve.)
+  q <- tryCatch(query(client, m$images[1:3, , , , drop = FALSE]), error = function(e) e)
+  if (inherits(q, "error")) {
+    if (owner$is_alive()) owner$kill()
+    stop("query: ", conditionMessage(q), "\n--- owner:\n",
+         paste(owner$read_all_error_lines(), collapse = "\n"), "\n", cluster_logs(cl),
+         call. = FALSE)
+  }
   owner$wait(60000)
   expect_equal(owner$get_result(), 2L)
   expect_private_matches(q, m$logits[1:3, , drop = FALSE])
@@ -65,10 +83,12 @@ test_that("R owner and R client (separate processes) agree with plaintext Keras"
   # Bad input from R never reaches Python.
   expect_error(query(late, m$images[1, 1:27, , , drop = FALSE]), "has dimensions")
 
-  # Detached from the cluster, plain Keras runs locally again.
+  # disconnect() only forgets the connection: this session was never part of the workers'
+  # cluster, so plain Keras runs here as before.
   expect_invisible(disconnect(late))
   expect_equal(dim(m$model$predict(m$images[1:2, , , , drop = FALSE], verbose = 0L)), c(2L, 10L))
 
   pk_stop(cl)
   expect_output(print(cl), "stopped")
+  expect_equal(worker_count(), 0L)
 })

@@ -17,6 +17,10 @@ Importing this package does not import TensorFlow (a client needs only numpy and
 import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+# Before gRPC is imported: its fork handling restarts a poller thread in forked children,
+# which then crashes on descriptors the child closes before exec (seen: 2-3 in 150 workers,
+# stunnels, R's processx children); privatekeras never uses gRPC in a forked child.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from . import data  # noqa: E402
 from .client import Client, connect  # noqa: E402
