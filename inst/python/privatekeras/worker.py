@@ -123,6 +123,8 @@ class WorkerServer:
         self._peers = {}  # index -> wire.Stub, made on first use
         self._peers_lock = threading.Lock()
         self._long_polls = threading.BoundedSemaphore(LONG_POLLS)
+        self._notes = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="privatekeras-notes")  # calls to the other workers
         self._closing = threading.Event()
         # worker 0 only
         self._engine = None
@@ -444,8 +446,8 @@ class WorkerServer:
             for qid in ids:
                 self._uncollected[qid] = {0, 1, 2}
             self._answered += len(ids)
-        notes = [self._peer(i).Done.future(M.DoneNote(query_ids=ids), timeout=PEER_TIMEOUT)
-                 for i in (1, 2)]
+        notes = [self._notes.submit(self._peer(i).Done, M.DoneNote(query_ids=ids),
+                                    timeout=PEER_TIMEOUT) for i in (1, 2)]
         self._deliver_outputs(ids)
         for i, note in zip((1, 2), notes):
             try:
@@ -534,10 +536,17 @@ class WorkerServer:
         if self.index == 0:
             self._arrived(request.query_id, 0)
         else:
-            note = self._peer(0).Arrived.future(
-                M.QueryNote(query_id=request.query_id, index=self.index), timeout=PEER_TIMEOUT)
-            note.add_done_callback(self._report_note_failure)
+            self._tell_worker0("Arrived", request.query_id)
         return M.Empty()
+
+    def _tell_worker0(self, method, query_id):
+        """Send worker 0 a note about a query, from the notes' thread pool (a blocking gRPC
+        future would start a thread for every note); a failure is logged: worker 0 is gone,
+        which its clients and owner see for themselves."""
+        call = getattr(self._peer(0), method)
+        note = self._notes.submit(call, M.QueryNote(query_id=query_id, index=self.index),
+                                  timeout=PEER_TIMEOUT)
+        note.add_done_callback(self._report_note_failure)
 
     def _report_note_failure(self, future):
         if future.exception() is not None:
@@ -616,9 +625,7 @@ class WorkerServer:
     def _collected(self, query_id, index):
         """Worker ``index`` delivered its answer share of ``query_id`` (worker 0 counts)."""
         if self.index != 0:
-            note = self._peer(0).Collected.future(
-                M.QueryNote(query_id=query_id, index=self.index), timeout=PEER_TIMEOUT)
-            note.add_done_callback(self._report_note_failure)
+            self._tell_worker0("Collected", query_id)
             return
         with self._cv:
             left = self._uncollected.get(query_id)
