@@ -43,11 +43,9 @@ PYDIR = os.path.join(ROOT, "inst", "python")
 TESTS = os.path.join(ROOT, "tests", "python")
 OUT = os.path.join(HERE, "out", "netns.json")
 PY = sys.executable
-HOSTS = {"w0": 1, "w1": 2, "w2": 3, "own": 10, "cli": 11}
-WORKERS = ("w0", "w1", "w2")
-NAMES = {"w0": "worker0", "w1": "worker1", "w2": "worker2", "own": "owner", "cli": "alice"}
-API_PORT, LINK_PORT = 5000, 7000
-COMPUTE = {"w0": 4000, "w1": 4001, "w2": 4002}
+sys.path.insert(0, TESTS)
+from netns import NAMES, WORKERS  # noqa: E402  (the five-host layout, shared with the test)
+
 PREVIOUS_RELAYS_MS = [55, 100]  # the previous release's Python TLS relays, per query
 TARGET_MS = 5.0  # issue 9: authenticated links across namespaces, per query
 
@@ -322,17 +320,6 @@ def _figures(setup, runs, args, description):
     return row
 
 
-def _hosts_file(addresses):
-    lines = ["[cluster]", 'ca = "pki/ca.crt"', ""]
-    for host in WORKERS:
-        lines += ["[[workers]]", 'name = "{}"'.format(NAMES[host]),
-                  'api = "{}:{}"'.format(addresses[host], API_PORT),
-                  'link = "{}:{}"'.format(addresses[host], LINK_PORT),
-                  "compute_port = {}".format(COMPUTE[host]), ""]
-    lines += ["[owner]", 'name = "owner"', "", "[[clients]]", 'name = "alice"', ""]
-    return "\n".join(lines)
-
-
 def _start_workers(net, config, work, env):
     procs = {}
     for host in WORKERS:
@@ -358,7 +345,8 @@ def _start_workers(net, config, work, env):
 def run(args):
     sys.path.insert(0, TESTS)
     sys.path.insert(0, PYDIR)
-    from netns import Lines, Net, netns_unavailable, stunnel_unavailable
+    from netns import (CLUSTER_HOSTS, Lines, Net, hosts_toml, netns_unavailable,
+                       stunnel_unavailable)
 
     if os.geteuid() != 0:
         raise SystemExit("netns bench: needs root (network namespaces)")
@@ -383,11 +371,11 @@ def run(args):
         "1 epoch on {} Fashion-MNIST images (test accuracy {:.3f})".format(
             train_images, trained["accuracy"]) if train_images else "untrained weights")
 
-    net = Net(HOSTS)
+    net = Net(CLUSTER_HOSTS)
     try:
         config = os.path.join(work, "hosts.toml")
         with open(config, "w") as f:
-            f.write(_hosts_file(net.addresses))
+            f.write(hosts_toml(net.addresses))
         made = subprocess.run([PY, "-m", "privatekeras", "pki", "--config", config], env=env,
                               capture_output=True, text=True)
         if made.returncode != 0:

@@ -172,27 +172,40 @@ class Net:
 
 
 class Lines:
-    """A process whose output lines are collected with their arrival time (``time.monotonic``),
-    so a test can wait for a line and measure when it came."""
+    """A process whose output lines are collected with their arrival time (``clock()``, by
+    default ``time.monotonic``), so a test can wait for a line and measure when it came."""
 
-    def __init__(self, proc):
-        self.p = proc
-        self.lines = []  # (time.monotonic(), line)
+    def __init__(self, proc, clock=time.monotonic):
+        self.p, self.clock = proc, clock
+        self.lines = []  # (clock(), line)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self):
         for line in self.p.stdout:
-            self.lines.append((time.monotonic(), line.rstrip("\n")))
+            self.lines.append((self.clock(), line.rstrip("\n")))
 
     @property
     def output(self):
         return "\n".join(line for _, line in self.lines)
 
+    def text(self, tail=3000):
+        """The last ``tail`` characters of the output."""
+        return self.output[-tail:]
+
     def find(self, prefix):
         """(arrival time, line) of the first line starting with ``prefix``, or None."""
         return next(((t, line) for t, line in list(self.lines) if line.startswith(prefix)),
                     None)
+
+    def join(self, timeout=None):
+        """Wait for the output to end (the process closed it)."""
+        self._reader.join(timeout)
+
+    def first(self, prefix):
+        """The first line starting with ``prefix``, or None."""
+        found = self.find(prefix)
+        return found and found[1]
 
     def wait_for(self, prefix, timeout):
         """(arrival time, line) of the first line starting with ``prefix``, waiting up to
@@ -228,3 +241,24 @@ class Lines:
         rc = self.p.wait(timeout)
         self._reader.join(5)
         return rc
+
+
+# -- a cluster on five hosts: three workers, the model owner and a client ---------------------
+# (the multi-host test and bench/netns.py use the same layout)
+CLUSTER_HOSTS = {"w0": 1, "w1": 2, "w2": 3, "own": 10, "cli": 11}  # last octets
+WORKERS = ("w0", "w1", "w2")
+NAMES = {"w0": "worker0", "w1": "worker1", "w2": "worker2", "own": "owner", "cli": "alice"}
+API_PORT, LINK_PORT = 5000, 7000
+COMPUTE = {"w0": 4000, "w1": 4001, "w2": 4002}
+
+
+def hosts_toml(addresses):
+    """The hosts file of that cluster, given each worker host's address."""
+    lines = ["[cluster]", 'ca = "pki/ca.crt"', ""]
+    for host in WORKERS:
+        lines += ["[[workers]]", 'name = "{}"'.format(NAMES[host]),
+                  'api = "{}:{}"'.format(addresses[host], API_PORT),
+                  'link = "{}:{}"'.format(addresses[host], LINK_PORT),
+                  "compute_port = {}".format(COMPUTE[host]), ""]
+    lines += ["[owner]", 'name = "owner"', "", "[[clients]]", 'name = "alice"', ""]
+    return "\n".join(lines)

@@ -4,7 +4,6 @@ survives must go on answering correctly."""
 
 import os
 import signal
-import socket
 import time
 
 import numpy as np
@@ -12,6 +11,8 @@ import numpy as np
 from conftest import LOGIT_ATOL, TALLY, free_hosts, worker_pids
 from procs import Proc
 from test_cluster import _listen_addresses
+
+from privatekeras.cluster import _free_loopback_ports
 
 FAIL_WITHIN = 10.0  # seconds from a fault to a clear error in every waiting process
 
@@ -24,6 +25,18 @@ def _failure(line):
     """``(unix time, phase, message)`` of a load_client ``QUERY FAILED`` line."""
     words = line.split()
     return float(words[3]), words[8].rstrip(":"), line.split(": ", 1)[1]
+
+
+def _failures(clients, killed_at):
+    """``(phase, message, line)`` of each client's failed query after a fault injected at
+    ``killed_at`` (time.time), each reported within FAIL_WITHIN seconds of it."""
+    out = []
+    for c in clients:
+        _, line = c.wait_for("QUERY FAILED", 60)
+        failed_at, phase, message = _failure(line)
+        assert failed_at - killed_at < FAIL_WITHIN, line
+        out.append((phase, message, line))
+    return out
 
 
 def _wait_answered(owner, n):
@@ -60,11 +73,8 @@ def test_worker_killed_mid_serve_then_restart_in_the_same_process(models, tmp_pa
         # was waiting for its answer (all three workers held its shares) is told a worker is
         # unavailable; one caught between queries may instead be told serving failed.
         phases = []
-        for c in clients:
-            t, line = c.wait_for("QUERY FAILED", 60)
-            failed_at, phase, message = _failure(line)
+        for c, (phase, message, line) in zip(clients, _failures(clients, killed_at)):
             phases.append(phase)
-            assert failed_at - killed_at < FAIL_WITHIN, line
             if phase == "fetch":
                 assert message.startswith("WorkerUnavailableError") and "worker" in message, line
             else:
@@ -136,25 +146,14 @@ def test_clients_dying_mid_query_do_not_wedge_serving(served, tmp_path):
     TALLY["faults survived"] += len(ways)
 
 
-def _free_compute_ports(avoid):
-    ports = []
-    while len(ports) < 3:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        if port not in ports and port not in avoid:
-            ports.append(port)
-    return ports
-
-
 def _start_external_workers(hosts):
     """Three workers started by hand (as on their own hosts), with credentials made first as
     `privatekeras pki --hosts` does."""
     from privatekeras.deploy.pki import make_local
 
     make_local(hosts)
-    compute = ",".join("127.0.0.1:{}".format(p) for p in _free_compute_ports(_ports(hosts)))
+    compute = ",".join("127.0.0.1:{}".format(p)
+                       for p in _free_loopback_ports(3, avoid=_ports(hosts)))
     return [Proc("worker_proc.py", ["--hosts", ",".join(hosts), "--index", i,
                                     "--compute", compute]) for i in range(3)]
 
@@ -187,11 +186,8 @@ def test_model_owner_killed_clients_get_a_clear_error(models, tmp_path):
             owner.kill()
             TALLY["faults injected"] += 1
             phases = []
-            for c in clients:
-                t, line = c.wait_for("QUERY FAILED", 60)
-                failed_at, phase, message = _failure(line)
+            for c, (phase, message, line) in zip(clients, _failures(clients, killed_at)):
                 phases.append(phase)
-                assert failed_at - killed_at < FAIL_WITHIN, line
                 if not external:  # the workers die with the owner (or just after it)
                     gone = ("WorkerUnavailableError", "OwnerUnavailableError")
                     assert message.startswith(gone + ("NotServingError",)), line

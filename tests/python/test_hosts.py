@@ -6,35 +6,14 @@ import shutil
 
 import pytest
 
+from netns import hosts_toml
 from conftest import ROOT
 from privatekeras.deploy import pki
 from privatekeras.deploy.hosts import ConfigError, load
 
 EXAMPLE = os.path.join(ROOT, "inst", "examples", "hosts.toml")
 
-GOOD = """
-[cluster]
-ca = "pki/ca.crt"
-[[workers]]
-name = "worker0"
-api = "10.0.0.1:5000"
-link = "10.0.0.1:7000"
-compute_port = 4000
-[[workers]]
-name = "worker1"
-api = "10.0.0.2:5000"
-link = "10.0.0.2:7000"
-compute_port = 4001
-[[workers]]
-name = "worker2"
-api = "10.0.0.3:5000"
-link = "10.0.0.3:7000"
-compute_port = 4002
-[owner]
-name = "owner"
-[[clients]]
-name = "alice"
-"""
+GOOD = hosts_toml({"w0": "10.0.0.1", "w1": "10.0.0.2", "w2": "10.0.0.3"})
 
 
 def test_the_example_loads():

@@ -32,14 +32,10 @@ import numpy as np
 import pytest
 
 from conftest import LOGIT_ATOL, SCRIPTS, TALLY, child_env
-from netns import Net, is_loopback, netns_unavailable, stunnel_unavailable
+from netns import (API_PORT, CLUSTER_HOSTS, COMPUTE, LINK_PORT, NAMES, WORKERS, Net,
+                   hosts_toml, is_loopback, netns_unavailable, stunnel_unavailable)
 
 PY = sys.executable
-HOSTS = {"w0": 1, "w1": 2, "w2": 3, "own": 10, "cli": 11}
-WORKERS = ["w0", "w1", "w2"]
-NAMES = {"w0": "worker0", "w1": "worker1", "w2": "worker2", "own": "owner", "cli": "alice"}
-API_PORT, LINK_PORT = 5000, 7000
-COMPUTE = {"w0": 4000, "w1": 4001, "w2": 4002}
 N_QUERIES = 12
 # TensorFlow's gRPC in clear carries these (device names, service and message names).
 PLAINTEXT_MARKERS = ("/job:", "device:CPU", "EagerService", "tensorflow")
@@ -55,17 +51,6 @@ def _unavailable():
 _reason = _unavailable()
 pytestmark = pytest.mark.skipif(_reason is not None, reason="separate hosts are simulated with "
                                 "network namespaces and stunnel4 links: {}".format(_reason))
-
-
-def _hosts_toml(addresses):
-    lines = ["[cluster]", 'ca = "pki/ca.crt"', ""]
-    for host in WORKERS:
-        lines += ["[[workers]]", 'name = "{}"'.format(NAMES[host]),
-                  'api = "{}:{}"'.format(addresses[host], API_PORT),
-                  'link = "{}:{}"'.format(addresses[host], LINK_PORT),
-                  "compute_port = {}".format(COMPUTE[host]), ""]
-    lines += ["[owner]", 'name = "owner"', "", "[[clients]]", 'name = "alice"', ""]
-    return "\n".join(lines)
 
 
 def _tail(path, n=4000):
@@ -134,10 +119,10 @@ def booting(tmp_path_factory):
     from privatekeras.deploy.hosts import load
 
     d = tmp_path_factory.mktemp("hosts")
-    net = Net(HOSTS)
+    net = Net(CLUSTER_HOSTS)
     try:
         path = d / "hosts.toml"
-        path.write_text(_hosts_toml(net.addresses))
+        path.write_text(hosts_toml(net.addresses))
         env = child_env()
         out = subprocess.run([PY, "-m", "privatekeras", "pki", "--config", str(path)],
                              capture_output=True, text=True, env=env, timeout=120)

@@ -15,33 +15,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from netns import hosts_toml
 from privatekeras.deploy import pki
 from privatekeras.deploy.hosts import ConfigError, load
 
 HOSTS = ["localhost:4000", "localhost:4001", "localhost:4002"]
 
-HOSTS_FILE = """
-[cluster]
-ca = "pki/ca.crt"
-[[workers]]
-name = "worker0"
-api = "10.0.0.1:5000"
-link = "10.0.0.1:7000"
-compute_port = 4000
-[[workers]]
-name = "worker1"
-api = "10.0.0.2:5000"
-link = "10.0.0.2:7000"
-compute_port = 4001
-[[workers]]
-name = "worker2"
-api = "10.0.0.3:5000"
-link = "10.0.0.3:7000"
-compute_port = 4002
-[owner]
-name = "owner"
-[[clients]]
-name = "alice"
+HOSTS_FILE = hosts_toml({"w0": "10.0.0.1", "w1": "10.0.0.2", "w2": "10.0.0.3"}) + """
 [[clients]]
 name = "bob"
 """

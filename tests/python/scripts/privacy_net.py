@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from netns import Lines  # noqa: F401  (re-exported for the tests)
+
 WINDOW = 8  # elements per needle window
 
 
@@ -22,15 +24,9 @@ WINDOW = 8  # elements per needle window
 # Ports and processes
 # ----------------------------------------------------------------------------------------
 def _free(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+    from privatekeras.cluster import _port_in_use
+
+    return not _port_in_use(port)
 
 
 # Not the `random` module: the models fixture seeds it, so every pytest session on this machine
@@ -67,25 +63,6 @@ def make_credentials(runtime, hosts, copies=()):
             del os.environ["PRIVATEKERAS_RUNTIME_DIR"]
         else:
             os.environ["PRIVATEKERAS_RUNTIME_DIR"] = saved
-
-
-class Lines(threading.Thread):
-    """Reads a process's output, keeping each line with its CLOCK_MONOTONIC time."""
-
-    def __init__(self, proc):
-        super().__init__(daemon=True)
-        self.proc, self.lines = proc, []
-        self.start()
-
-    def run(self):
-        for line in self.proc.stdout:
-            self.lines.append((time.monotonic(), line.rstrip("\n")))
-
-    def first(self, prefix):
-        return next((line for _, line in self.lines if line.startswith(prefix)), None)
-
-    def text(self, tail=3000):
-        return "\n".join(line for _, line in self.lines)[-tail:]
 
 
 def popen(cmd, env):
