@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 RLIB := $(CURDIR)/.rlib
 R_ENV := R_LIBS=$(RLIB) RETICULATE_PYTHON=$(PY)
 
-.PHONY: setup demo bench stress test test-python test-r r-install r-check clean
+.PHONY: setup demo bench stress test test-python test-r r-install r-check docs figures clean
 
 setup:
 	@bash tools/setup.sh
@@ -60,6 +60,22 @@ r-check:
 	cd build/rcheck && $(R_ENV) _R_CHECK_FORCE_SUGGESTS_=false R CMD check --no-manual \
 	  --no-tests privatekeras_*.tar.gz
 	@grep -q "Status: OK\|Status: [0-9]* NOTE" build/rcheck/privatekeras.Rcheck/00check.log
+
+# The pkgdown site in build/site: the README as its home page, the reference grouped by family
+# (cluster, owner, client, set-up), the vignettes as articles (run for real: they need the
+# Python environment, as for `make r-check`). Offline (pkgdown.internet = FALSE: CRAN is not
+# reachable here). Needs Debian's r-cran-pkgdown, which `make setup` does not install; not part
+# of `make test` or CI.
+docs: r-install
+	@R_LIBS=$(RLIB) Rscript -e 'if (!requireNamespace("pkgdown", quietly = TRUE)) { message("make docs: pkgdown is not installed; install it with: sudo apt-get install r-cran-pkgdown"); quit(status = 1) }'
+	$(R_ENV) Rscript -e 'options(pkgdown.internet = FALSE); pkgdown::build_site(".", install = FALSE, new_process = FALSE, preview = FALSE)'
+	@# The README's Performance section shows bench/latency.png, outside what pkgdown copies.
+	@if [ -f bench/latency.png ]; then mkdir -p build/site/bench && cp bench/latency.png build/site/bench/; fi
+	@echo "site written to build/site/index.html"
+
+# The README's picture of the parties (man/figures/parties.svg), drawn by R/figures.R.
+figures:
+	RETICULATE_PYTHON=$(PY) Rscript tools/make-figures.R
 
 clean:
 	rm -rf $(VENV) $(RLIB) build demo-output .pytest_cache

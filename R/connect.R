@@ -18,15 +18,32 @@
 #' @param timeout Seconds to wait for the workers (and, on one machine, for
 #'   the cluster's credentials), for a served model and for each answer.
 #' @return A `pk_client`; pass it to [query()].
+#' @family client
+#' @seealso [query()], [disconnect()]; [pk_cluster_from_config()] for a
+#'   cluster on other hosts.
 #' @examples
+#' if (pk_available()) {
+#'   # No workers listen at these addresses, and nobody started them, so there
+#'   # are no credentials either: a classed error within the timeout.
+#'   cl <- pk_cluster(c("localhost:4703", "localhost:4704", "localhost:4705"),
+#'                    auto_managed = FALSE)
+#'   err <- tryCatch(connect(cl, c(1, 28, 28, 1), c(1, 10), timeout = 1),
+#'                   privatekeras_PrivateKerasError = function(e) e)
+#'   print(class(err))
+#'   print(conditionMessage(err))
+#' }
+#'
 #' \dontrun{
+#' # A client of a model served by another R session of the same user:
 #' cl <- pk_cluster(auto_managed = FALSE)
 #' client <- connect(cl, c(1, 28, 28, 1), c(1, 10))
 #' query(client, images[1, , , , drop = FALSE])
+#' disconnect(client)
 #' }
 #' @export
 connect <- function(cluster, input_shape, output_shape, timeout = 60) {
   check_cluster(cluster)
+  if (inherits(cluster, "pk_server")) return(connect_ckks(cluster, timeout))
   input_shape <- check_shape(input_shape, "input_shape")
   output_shape <- check_shape(output_shape, "output_shape")
   if (input_shape[[1]] != output_shape[[1]]) {
@@ -63,6 +80,14 @@ print.pk_client <- function(x, ...) {
 #'
 #' @param client A [connect()]ed client.
 #' @return The client, invisibly.
+#' @family client
+#' @seealso [connect()].
+#' @examples
+#' \dontrun{
+#' client <- connect(pk_cluster(auto_managed = FALSE), c(1, 28, 28, 1), c(1, 10))
+#' query(client, images[1, , , , drop = FALSE])
+#' disconnect(client)
+#' }
 #' @export
 disconnect <- function(client) {
   check_client(client)

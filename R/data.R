@@ -4,6 +4,13 @@
 #' @return A list with `train` and `test`, each a list of `x` (an array
 #'   `n x 28 x 28 x 1` of doubles in `[0, 1]`) and `y` (integer labels 0-9), and
 #'   `labels` (the class names).
+#' @family setup
+#' @examples
+#' if (pk_available() && dir.exists("/usr/share/datasets/fashion-mnist")) {
+#'   fashion <- pk_fashion_mnist()
+#'   print(dim(fashion$test$x))
+#'   print(fashion$labels[fashion$test$y[1:5] + 1])
+#' }
 #' @export
 pk_fashion_mnist <- function(directory = NULL) {
   data <- pk_core()$data

@@ -16,6 +16,21 @@
 #'   early, or `NULL` to wait indefinitely.
 #' @return `serve()`: the number of queries answered, invisibly.
 #'   `stop_serving()`: the shared model, invisibly.
+#' @family owner
+#' @seealso [share()] before it; [connect()] and [query()] for the clients.
+#' @examples
+#' # Checked in R before anything reaches the workers:
+#' try(serve("not a shared model"))
+#'
+#' \dontrun{
+#' # The model owner's R session (a client queries from another session; the
+#' # vignette "Private predictions in ten lines" runs both):
+#' cl <- pk_cluster(c("localhost:4000", "localhost:4001", "localhost:4002"))
+#' pk_start(cl)
+#' sm <- share("model.keras", cl, input_range = c(0, 1))
+#' serve(sm, num_requests = 3)   # blocks until three queries are answered
+#' pk_stop(cl)
+#' }
 #' @export
 serve <- function(shared_model, num_requests = NULL, idle_timeout = NULL) {
   check_shared(shared_model)

@@ -38,12 +38,15 @@ if [ ! -x "$PY" ]; then
 fi
 
 stamp="$VENV/.privatekeras-stack"
-want="$(cat "$ROOT/inst/python/requirements.txt" "$ROOT/inst/python/requirements-nodeps.txt" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/inst/python/requirements.txt" "$ROOT/inst/python/requirements-nodeps.txt" \
+          "$ROOT/inst/python/requirements-test.txt" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   say "installing the pinned Python stack (TensorFlow, TF Encrypted, ...): a few minutes"
   "$PY" -m pip install -q --upgrade "pip==24.3.1"
   "$PY" -m pip install -q -r "$ROOT/inst/python/requirements.txt"
   "$PY" -m pip install -q --no-deps -r "$ROOT/inst/python/requirements-nodeps.txt"
+  # The test runner is not part of the runtime lock (R's install_privatekeras() skips it).
+  "$PY" -m pip install -q -r "$ROOT/inst/python/requirements-test.txt"
   echo "$want" > "$stamp"
 fi
 
@@ -54,7 +57,7 @@ if ! "$PY" -c "import privatekeras.kernels" >/dev/null 2>&1; then
 fi
 
 # --- the secure kernels, compiled against this TensorFlow ----------------------------------
-if ! "$PY" -m privatekeras.kernels check >/dev/null 2>&1; then
-  "$PY" -m privatekeras.kernels build
+if ! "$PY" -m privatekeras kernels check >/dev/null 2>&1; then
+  "$PY" -m privatekeras kernels build
 fi
 say "ready: $PY"

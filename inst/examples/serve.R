@@ -10,7 +10,7 @@ num_requests <- if (length(args) >= 3) as.integer(args[[3]]) else 3L
 
 cl <- pk_cluster(hosts)
 pk_start(cl)
-sm <- share(model_file, cl)
+sm <- share(model_file, cl, input_range = c(0, 1))   # pixels scaled to [0, 1]
 print(sm)
 serve(sm, num_requests = num_requests)
 pk_stop(cl)

@@ -52,13 +52,24 @@ tutorial_model <- local({
     model$save(path)
     path_any <- tempfile(fileext = ".keras")  # the same weights, no fixed batch size
     trainer$save(path_any)
+    # The same weights with a final softmax: clients apply it (query(activation = TRUE)).
+    with_softmax <- keras$Sequential(c(list(keras$Input(shape = c(28L, 28L, 1L), batch_size = 1L)),
+                                       model$layers, list(L$Activation("softmax"))))
+    path_softmax <- tempfile(fileext = ".keras")
+    with_softmax$save(path_softmax)
     images <- f$test$x[1:10, , , , drop = FALSE]
-    cache <<- list(path = path, path_any = path_any, model = model, images = images,
+    cache <<- list(path = path, path_any = path_any, path_softmax = path_softmax, model = model,
+                   images = images,
                    labels = f$test$y[1:10],
                    logits = trainer$predict(images, verbose = 0L))
     cache
   }
 })
+
+softmax_rows <- function(logits) {
+  e <- exp(logits - apply(logits, 1, max))
+  e / rowSums(e)
+}
 
 # Private logits agree with plaintext Keras: argmax on every row, and within the
 # stated tolerance (ABY3 with 16 fractional bits; typical errors ~0.005).

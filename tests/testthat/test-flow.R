@@ -16,10 +16,11 @@ test_that("R owner and R client (separate processes) agree with plaintext Keras"
   expect_output(print(cl), "APIs \\(mutual TLS\\) on loopback only")
   expect_output(print(cl), "workers' TensorFlow ports on loopback only")
 
-  sm <- share(m$path, cl)
+  sm <- share(m$path_softmax, cl, input_range = c(0, 1))   # clients apply the softmax
   expect_s3_class(sm, "pk_shared_model")
   expect_output(print(sm), "input shape  1 x 28 x 28 x 1")
   expect_output(print(sm), "not serving, 0 queries answered")
+  expect_output(print(sm), "softmax applied by the client")
 
   client <- callr::r_bg(function(hosts, images) {
     library(privatekeras)
@@ -28,7 +29,7 @@ test_that("R owner and R client (separate processes) agree with plaintext Keras"
     q <- query(client, images[1:2, , , , drop = FALSE])    # two images, batch 1 each
     disconnect(client)                                      # forgets the connection ...
     q <- rbind(q, query(client, images[3, , , , drop = FALSE]))  # ... a query reconnects
-    p <- predict_proba(client, images[4, , , , drop = FALSE])
+    p <- query(client, images[4, , , , drop = FALSE], activation = TRUE)
     list(q = q, p = p, printed = capture.output(print(client)),
          tf = reticulate::py_eval("__import__('sys').modules.get('tensorflow') is not None"))
   }, args = list(hosts = hosts, images = m$images))
@@ -43,9 +44,10 @@ test_that("R owner and R client (separate processes) agree with plaintext Keras"
   expect_equal(n, 4L)
   expect_output(print(sm), "4 queries answered")
   expect_private_matches(res$q, m$logits[1:3, , drop = FALSE])
-  plain_p <- exp(m$logits[4, ]) / sum(exp(m$logits[4, ]))
+  # activation = TRUE: the model's own softmax, applied on the client.
+  plain_p <- softmax_rows(m$logits[4, , drop = FALSE])
   expect_equal(sum(res$p), 1, tolerance = 1e-5)
-  expect_lt(max(abs(res$p[1, ] - plain_p)), 0.01)
+  expect_lt(max(abs(res$p - plain_p)), 0.01)
   expect_match(paste(res$printed, collapse = "\n"), "served model aby3, batch 1")
   expect_false(res$tf)  # the client process never imported TensorFlow
 
@@ -53,7 +55,7 @@ test_that("R owner and R client (separate processes) agree with plaintext Keras"
   owner <- callr::r_bg(function(hosts, path) {
     library(privatekeras)
     cl <- pk_cluster(hosts, auto_managed = FALSE)
-    sm <- share(path, cl, batch_size = 2)
+    sm <- share(path, cl, batch_size = 2, input_range = c(0, 1))
     n <- serve(sm, num_requests = 2, idle_timeout = 180)
     stop_serving(sm)
     n

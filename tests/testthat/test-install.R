@@ -17,7 +17,7 @@ test_that("the client's pins are read from requirements.txt", {
   req <- system.file("python", "requirements.txt", package = "privatekeras")
   pins <- privatekeras:::client_pins(req)
   lines <- readLines(req)
-  expect_equal(sub("==.*", "", pins), c("numpy", "grpcio", "protobuf"))
+  expect_equal(sub("==.*", "", pins), c("numpy", "grpcio", "protobuf", "tenseal"))
   expect_true(all(pins %in% lines))
   partial <- tempfile()
   writeLines(grep("^protobuf==", lines, value = TRUE, invert = TRUE), partial)
@@ -30,8 +30,16 @@ test_that("install_privatekeras() builds a working environment", {
               "set PRIVATEKERAS_TEST_INSTALL=true to run the full install (make test does)")
   envdir <- file.path(tempdir(), "pk-install-test")
   on.exit(unlink(envdir, recursive = TRUE), add = TRUE)
-  expect_message(py <- install_privatekeras(envname = envdir), "secure kernels")
+  msgs <- character()
+  py <- withCallingHandlers(install_privatekeras(envname = envdir),
+                            message = function(e) msgs <<- c(msgs, conditionMessage(e)))
+  said <- paste(msgs, collapse = "")
   expect_true(file.exists(py))
+  # It says what it installed and where: the environment, the versions, the kernels.
+  expect_match(said, paste0("Full environment .* in ", envdir))
+  expect_match(said, "installed: tensorflow-cpu 2\\.20\\.0, keras [0-9.]+, tf-encrypted 0\\.9\\.1")
+  expect_match(said, "secure kernels: /[^ ]*pk_ops\\.so")
+  expect_match(said, paste0("Python: ", py), fixed = TRUE)
   # Safe to re-run.
   expect_message(install_privatekeras(envname = envdir), "done")
   check <- paste(
@@ -45,7 +53,7 @@ test_that("install_privatekeras() builds a working environment", {
 })
 
 # The R client run in the client environment: connect, three private queries and one
-# predict_proba(); it saves what it got and which Python modules it loaded.
+# query(activation = TRUE); it saves what it got and which Python modules it loaded.
 CLIENT_ENV_SCRIPT <- '
 args <- commandArgs(trailingOnly = TRUE)
 library(privatekeras)
@@ -53,7 +61,7 @@ images <- readRDS(args[[2]])
 cl <- pk_cluster(strsplit(args[[1]], ",")[[1]], auto_managed = FALSE)
 client <- connect(cl, c(1, 28, 28, 1), c(1, 10), timeout = 300)
 q <- query(client, images[1:3, , , , drop = FALSE])
-p <- predict_proba(client, images[4, , , , drop = FALSE])
+p <- query(client, images[4, , , , drop = FALSE], activation = TRUE)
 disconnect(client)
 reticulate::py_run_string(
   "import sys; pk_modules = sorted({m.split(\'.\')[0] for m in sys.modules})")
@@ -77,9 +85,9 @@ test_that("install_privatekeras(role = 'client') makes a small environment that 
     cl <- pk_cluster(hosts)
     pk_start(cl)
     on.exit(pk_stop(cl))
-    sm <- share(path, cl)
+    sm <- share(path, cl, input_range = c(0, 1))
     serve(sm, num_requests = 4, idle_timeout = 300)
-  }, args = list(hosts = hosts, path = m$path), supervise = TRUE, stdout = owner_log,
+  }, args = list(hosts = hosts, path = m$path_softmax), supervise = TRUE, stdout = owner_log,
   stderr = "2>&1")
   on.exit(if (owner$is_alive()) owner$kill(), add = TRUE)
 
@@ -146,6 +154,5 @@ test_that("install_privatekeras(role = 'client') makes a small environment that 
   expect_false(any(HEAVY_MODULES %in% got$modules), info = paste(got$modules, collapse = " "))
   expect_true(all(c("numpy", "grpc", "privatekeras") %in% got$modules))
   expect_private_matches(got$q, m$logits[1:3, , drop = FALSE])
-  plain_p <- exp(m$logits[4, ]) / sum(exp(m$logits[4, ]))
-  expect_lt(max(abs(got$p[1, ] - plain_p)), 0.01)
+  expect_lt(max(abs(got$p - softmax_rows(m$logits[4, , drop = FALSE]))), 0.01)
 })

@@ -22,10 +22,20 @@ def main(argv=None):
     import importlib
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        from . import __version__
+
+        print("privatekeras", __version__)
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: privatekeras COMMAND [ARGS...]\n\ncommands:")
+        print("usage: privatekeras COMMAND [ARGS...]   (or: python -m privatekeras ...)\n\n"
+              "commands:")
         for name, (_, what) in COMMANDS.items():
             print("  {:<9} {}".format(name, what))
+        print("\n`privatekeras COMMAND --help` describes a command; --version prints the "
+              "version.")
+        if argv and argv[0] not in ("-h", "--help"):
+            print("privatekeras: unknown command {!r}".format(argv[0]), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:]) or 0

@@ -2,13 +2,10 @@
 
 import os
 
+from ..errors import KernelsMissingError  # a PrivateKerasError (defined there: no cycle)
 from .build import ENV_VAR, default_library_path
 
 _ops = None
-
-
-class KernelsMissingError(RuntimeError):
-    """The secure kernels are not built for this TensorFlow; privatekeras will not start."""
 
 
 def load():
