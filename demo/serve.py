@@ -8,7 +8,8 @@ model_path, hosts, num_requests = sys.argv[1], sys.argv[2].split(","), int(sys.a
 cluster = pk.Cluster(hosts)
 cluster.start()
 try:
-    shared = pk.share(model_path, cluster)        # weights are secret-shared from here
+    # weights are secret-shared from here; pixels lie in [0, 1] (values are bounded from it)
+    shared = pk.share(model_path, cluster, input_range=(0, 1))
     print("owner: {}".format(shared), flush=True)
     shared.serve(num_requests=num_requests)       # blocks until every query is answered
     shared.stop()

@@ -146,6 +146,37 @@ def bn_maxpool_cnn(keras):
     ], name="bn_maxpool_cnn")
 
 
+def residual_cnn(keras, rng):
+    """A branched image model with a final sigmoid: Rescaling, Conv2D, standalone
+    BatchNormalization after a ReLU (randomised), ZeroPadding2D, a residual Add of three
+    inputs (one tensor twice), LeakyReLU as a layer and as an activation, Concatenate of two
+    branches, MaxPooling2D 'same' after a ReLU, GlobalAveragePooling2D."""
+    L = keras.layers
+    inp = keras.Input((10, 10, 3))
+    x = L.Rescaling(1 / 255.0, offset=-0.5)(inp)
+    x = L.Conv2D(6, 3, padding="same", activation="relu")(x)
+    x = L.BatchNormalization()(x)
+    y = L.ZeroPadding2D(((1, 0), (2, 1)))(x)
+    y = L.Conv2D(6, (2, 4), activation="leaky_relu")(y)
+    x = L.Add()([x, y, x])
+    x = L.LeakyReLU(0.1)(x)
+    x = L.Concatenate()([L.Conv2D(3, 1)(x), L.ReLU()(x)])
+    x = L.ReLU()(x)
+    x = L.MaxPooling2D(3, strides=2, padding="same")(x)
+    out = L.Dense(1, activation="sigmoid")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out, name="residual")
+    randomize_batchnorm(model, rng)
+    return model
+
+
+def randomize_batchnorm(model, rng):
+    """Give every BatchNormalization layer statistics far from the identity."""
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            layer.set_weights([rng.uniform(0.5, 2, w.shape) if i in (0, 3) else
+                               rng.normal(0, 0.5, w.shape) for i, w in enumerate(layer.get_weights())])
+
+
 @pytest.fixture(scope="session")
 def fashion():
     from privatekeras.data import load_fashion_mnist

@@ -170,6 +170,11 @@ def run(models, tmp_path_factory):
 
     r.keras_weights = keras.models.load_model(models / "tutorial.keras",
                                               compile=False).get_weights()
+    # What the owner shares: the converted weights (each average pool's 1/4 moved into the
+    # layer after it; see privatekeras.convert).
+    from privatekeras import convert
+
+    r.model_weights = convert(str(models / "tutorial.keras")).weights
 
     # Haystacks: compute streams raw and de-framed, API streams raw.
     t = time.monotonic()
@@ -532,8 +537,8 @@ def test_each_worker_receives_exactly_its_two_shares_of_every_weight(run):
     import json
 
     r = run
-    assert len(r.weights) == len(r.keras_weights) == 8
-    for w, kw in zip(r.weights, r.keras_weights):
+    assert len(r.weights) == len(r.model_weights) == len(r.keras_weights) == 8
+    for w, kw in zip(r.weights, r.model_weights):
         np.testing.assert_array_equal(reconstruct(w["shares"]), w["encoded"])
         assert w["encoded"].size == kw.size
         assert np.abs(np.sort(w["encoded"].reshape(-1)) - np.sort(np.round(
@@ -544,10 +549,10 @@ def test_each_worker_receives_exactly_its_two_shares_of_every_weight(run):
         assert head.spec_json and not head.weights
         spec = json.loads(head.spec_json)
         assert set(spec) == {"model_id", "name", "protocol", "batch_size", "input_shape",
-                             "output_shape", "output_activation", "fixed_point", "max_group",
-                             "layers"}
-        assert all(set(layer) == {"kind", "name", "params", "weight_shapes"}
-                   for layer in spec["layers"])
+                             "output_shape", "output_activation", "input_range", "fixed_point",
+                             "max_group", "nodes"}
+        assert all(set(node) == {"kind", "name", "inputs", "params", "shape", "weight_shapes"}
+                   for node in spec["nodes"])
         assert len(body) == len(r.weights) and not any(c.spec_json for c in body)
         for k, (chunk, w) in enumerate(zip(body, r.weights)):
             pair = arrays(chunk.weights)
@@ -606,10 +611,10 @@ def test_no_clear_value_is_on_any_link_or_in_any_message(run):
         "answer float64": windows(y_enc / SCALE),
     }
     clear = []
-    for w, kw in zip(r.weights, r.keras_weights):
+    for w, kw, mw in zip(r.weights, r.keras_weights, r.model_weights):
         clear += weight_windows([w["encoded"], np.round(kw.astype(np.float64) * SCALE).astype(
             np.int64), kw.astype(np.float32), kw.astype(np.float64),
-            kw.astype(np.float64) * SCALE])
+            kw.astype(np.float64) * SCALE, mw.astype(np.float32), mw])
     needles["weights"] = list(set(clear))
     haystacks = all_traffic(r) + [Haystack(m["data"]) for m in r.messages]
     hits = found(haystacks, [n for ns in needles.values() for n in ns])

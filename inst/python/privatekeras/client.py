@@ -16,6 +16,7 @@ import numpy as np
 from . import wire
 from .deploy.pki import CredentialsError
 from .errors import AccessDeniedError, InputError, NotServingError, WorkerUnavailableError
+from .layers.activations import apply_final
 from .mpc.encoding import FIXED64, reconstruct_values, share_values
 
 FETCH_WAIT = 5.0  # seconds one Fetch call waits on the worker before asking again
@@ -34,10 +35,19 @@ def _as_shape(shape, what):
     return dims
 
 
-def softmax(logits):
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def numeric(x, what="array"):
+    """``x`` (a list, numpy or R array, tf.Tensor, ...) as a numeric numpy array, or an
+    InputError saying what it is instead."""
+    try:
+        x = np.asarray(x)
+    except Exception:  # noqa: BLE001
+        raise InputError("the input must be a numeric {}, got {}".format(
+            what, type(x).__name__)) from None
+    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or
+                                   np.issubdtype(x.dtype, np.floating)):
+        raise InputError("the input must be a numeric (integer or floating) {}, got dtype "
+                         "{}".format(what, x.dtype))
+    return x
 
 
 async def _all(calls, names):
@@ -97,38 +107,35 @@ class _Link:
             self._thread.join(5)
 
 
-class Client:
-    """A connection to the model served on a cluster (made by :func:`connect`).
+class Connection:
+    """What a client of either backend does with its servers (``cluster``): reach them, wait
+    for a served model, check inputs against the owner's declared range, forget them.
+    Subclasses say where they connect (:meth:`_where`) and what to try when nobody answers
+    (:meth:`_start_hint`)."""
 
-    Args:
-        cluster: a :class:`~privatekeras.Cluster` with the workers' addresses (not started
-            by this process).
-        input_shape: the shape of one query, batch first, e.g. ``(1, 28, 28, 1)``.
-        output_shape: the shape of one answer, batch first, e.g. ``(1, 10)``.
-        timeout: seconds to wait for the workers, for a served model, and for each answer.
-    """
-
-    def __init__(self, cluster, input_shape, output_shape, timeout=60.0):
+    def __init__(self, cluster, timeout):
         self.cluster = cluster
-        self.input_shape = _as_shape(input_shape, "input_shape")
-        self.output_shape = _as_shape(output_shape, "output_shape")
-        if self.input_shape[0] != self.output_shape[0]:
-            raise InputError("input_shape and output_shape must have the same batch size, got "
-                             "{} and {}".format(self.input_shape, self.output_shape))
         self.timeout = float(timeout)
         self._spec = None
         self._link = None
 
-    def __repr__(self):
-        return "<privatekeras.Client input={} output={} cluster={}>".format(
-            self.input_shape, self.output_shape, ", ".join(self.cluster.hosts))
+    def _where(self):
+        return "cluster {}".format(self.cluster.hosts)
 
-    # -- the workers and the served model ---------------------------------------------------
+    def _start_hint(self):
+        if getattr(self.cluster, "config", None) is None:
+            return ("is the cluster started? The model owner starts it with Cluster.start() / "
+                    "pk_start()")
+        return ("are the workers running (`privatekeras worker --config ...` on each worker "
+                "host)?")
+
+    def _explain(self, exc):
+        """The text of a failure to reach the servers."""
+        return str(exc)
+
     def _open(self):
-        """Reach the three workers, retrying until ``timeout`` (on one machine the cluster
-        may not even be started yet: its credentials appear when it is); returns self."""
-        from .deploy.pki import CredentialsError
-
+        """Reach the servers, retrying until ``timeout`` (on one machine they may not even be
+        started yet: their credentials appear when they are); returns self."""
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -137,15 +144,12 @@ class Client:
                 return self
             except (WorkerUnavailableError, CredentialsError) as exc:
                 self._forget()
-                if isinstance(exc, CredentialsError) and self.cluster.config is not None:
+                if isinstance(exc, CredentialsError) and \
+                        getattr(self.cluster, "config", None) is not None:
                     raise  # a hosts file's credentials do not appear by waiting
                 if time.monotonic() > deadline:
-                    hint = ("is the cluster started? The model owner starts it with "
-                            "Cluster.start() / pk_start()" if self.cluster.config is None else
-                            "are the workers running (`privatekeras worker --config ...` on "
-                            "each worker host)?")
-                    raise type(exc)("{} (waited {:.0f} s): {}".format(exc, self.timeout,
-                                                                     hint)) from None
+                    raise type(exc)("{} (waited {:.0f} s): {}".format(
+                        self._explain(exc), self.timeout, self._start_hint())) from None
                 time.sleep(0.2)
 
     def _forget(self):
@@ -157,19 +161,76 @@ class Client:
             link.close()
         self.cluster.forget("client")
 
-    def _served_spec(self):
-        """The served model's public spec, waiting up to ``timeout`` for serving to begin."""
+    def _serving_board(self):
+        """The public board once a model is served, waiting up to ``timeout`` for it."""
         deadline = time.monotonic() + self.timeout
         while True:
             board = self.cluster.status("client", timeout=5.0)[0]
             if board.state == wire.SERVING:
-                break
+                return board
             if time.monotonic() > deadline:
                 raise NotServingError(
-                    "no model is being served on cluster {} (waited {:.0f} s): start serving "
-                    "with serve() in the model owner's process first".format(
-                        self.cluster.hosts, self.timeout))
+                    "no model is being served on {} (waited {:.0f} s): start serving with "
+                    "serve() in the model owner's process first".format(
+                        self._where(), self.timeout))
             time.sleep(0.05)
+
+    def _check_range(self, x, consequence):
+        """Refuse values outside the input range the owner declared (if any)."""
+        declared = self._spec.get("input_range")
+        if declared is None:
+            return
+        lo, hi = declared
+        if x.min() < lo or x.max() > hi:
+            raise InputError(
+                "the input's values lie in [{:g}, {:g}], outside the range the model owner "
+                "declared for this model, [{:g}, {:g}]: {}".format(
+                    x.min(), x.max(), lo, hi, consequence))
+
+    @property
+    def output_activation(self):
+        """The served model's final activation or inverse link, applied by
+        ``predict_proba()`` (None until the first query, or when the model has none)."""
+        return None if self._spec is None else self._spec.get("output_activation")
+
+    def close(self):
+        """Forget the served model and the connection (``query()`` reconnects)."""
+        self._forget()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Client(Connection):
+    """A connection to the model served on a cluster (made by :func:`connect`).
+
+    Args:
+        cluster: a :class:`~privatekeras.Cluster` with the workers' addresses (not started
+            by this process).
+        input_shape: the shape of one query, batch first, e.g. ``(1, 28, 28, 1)``.
+        output_shape: the shape of one answer, batch first, e.g. ``(1, 10)``.
+        timeout: seconds to wait for the workers, for a served model, and for each answer.
+    """
+
+    def __init__(self, cluster, input_shape, output_shape, timeout=60.0):
+        self.input_shape = _as_shape(input_shape, "input_shape")
+        self.output_shape = _as_shape(output_shape, "output_shape")
+        if self.input_shape[0] != self.output_shape[0]:
+            raise InputError("input_shape and output_shape must have the same batch size, got "
+                             "{} and {}".format(self.input_shape, self.output_shape))
+        super().__init__(cluster, timeout)
+
+    def __repr__(self):
+        return "<privatekeras.Client input={} output={} cluster={}>".format(
+            self.input_shape, self.output_shape, ", ".join(self.cluster.hosts))
+
+    # -- the workers and the served model ---------------------------------------------------
+    def _served_spec(self):
+        """The served model's public spec, waiting up to ``timeout`` for serving to begin."""
+        board = self._serving_board()
         import json
 
         spec = json.loads(board.spec_json)
@@ -189,18 +250,7 @@ class Client:
 
     # -- queries ------------------------------------------------------------------------
     def _check_input(self, x):
-        if isinstance(x, (list, tuple)):
-            x = np.asarray(x)
-        if not isinstance(x, np.ndarray):
-            try:
-                x = np.asarray(x)  # tf.Tensor, R arrays via reticulate, ...
-            except Exception:  # noqa: BLE001
-                raise InputError("the input must be a numeric array, got {}".format(
-                    type(x).__name__)) from None
-        if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or
-                                       np.issubdtype(x.dtype, np.floating)):
-            raise InputError("the input must be a numeric (integer or floating) array, got "
-                             "dtype {}".format(x.dtype))
+        x = numeric(x)
         want = self.input_shape[1:]
         if x.shape == want:
             x = x[None, ...]
@@ -214,16 +264,20 @@ class Client:
         return x
 
     def query(self, x):
-        """Private prediction: returns the logits for ``x`` (batch first) as a numpy array.
+        """Private prediction: the model's output before its final activation (logits for
+        a softmax or sigmoid model) for ``x`` (batch first), as a numpy array.
 
         ``x`` may hold any number of rows; they are sent in batches of the served batch size
-        (the last one padded with zeros, which are discarded).
+        (the last one padded with zeros, which are discarded). Values outside the input range
+        the owner declared are refused.
         """
         x = self._check_input(x)
         if self._link is None:
             self._open()
         if self._spec is None:
             self._spec = self._served_spec()
+        self._check_range(x, "rescale them as the model was trained (values outside it could "
+                             "make the private answer wrong)")
         b = self._spec["batch_size"]
         n = x.shape[0]
         pad = (-n) % b
@@ -233,8 +287,11 @@ class Client:
         return np.concatenate(outs, axis=0)[:n].astype(np.float32)
 
     def predict_proba(self, x):
-        """Private prediction followed by a softmax computed here, on the client."""
-        return softmax(self.query(x).astype(np.float64)).astype(np.float32)
+        """Private prediction followed by the model's own final activation (softmax,
+        sigmoid or none), computed here, on the client: what ``model.predict()`` returns."""
+        values = self.query(x)
+        return apply_final(self._spec.get("output_activation"), values).astype(np.float32)
+
 
     def _query_batch(self, xb):
         spec = self._spec
@@ -297,21 +354,16 @@ class Client:
                 await asyncio.sleep(0.05)  # a busy worker said "not yet" at once: no spin
             calls = {i: fetch(i) for i in pending}
 
-    def close(self):
-        """Forget the served model and the connection (``query()`` reconnects)."""
-        self._forget()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def connect(cluster, input_shape, output_shape, timeout=60.0):
+def connect(cluster, input_shape=None, output_shape=None, timeout=60.0):
     """Connect to the model served on ``cluster``; returns a :class:`Client`.
 
     Waits up to ``timeout`` seconds for the three workers to answer (WorkerUnavailableError
-    otherwise); the served model itself is looked up at the first query.
+    otherwise); the served model itself is looked up at the first query. On a CKKS
+    :class:`~privatekeras.Server`, returns a :class:`privatekeras.ckks.client.CKKSClient`
+    (shapes optional: the served model's are used).
     """
+    if getattr(cluster, "scheme", "aby3") == "ckks":
+        from .ckks.client import connect as connect_ckks
+
+        return connect_ckks(cluster, input_shape, output_shape, timeout=timeout)
     return Client(cluster, input_shape, output_shape, timeout=timeout)._open()

@@ -1,9 +1,18 @@
-"""Model conversion: a Keras model becomes a list of plain layer specs for private evaluation.
+"""Model conversion: a Keras model becomes a graph of plain nodes for private evaluation.
 
-Works from each layer's class name, config and weights, so it accepts Keras 3 and Keras 2
-models alike (R's keras/keras3 models are the same Python objects). BatchNormalization is
-folded into the Conv2D/Dense before it; a final softmax is split off and applied by the
-client after reconstruction; Dropout is the identity at inference.
+The graph is read from the Keras model itself (Sequential or functional, branches and joins,
+nested models inlined), in topological order, each shared tensor converted once. Every Keras
+layer is converted by its entry in the layer registry (:mod:`privatekeras.layers`). Then:
+
+- a final softmax or sigmoid is split off: the workers compute the values before it and the
+  client applies it (``predict_proba``);
+- a per-channel affine map (BatchNormalization, Normalization, Rescaling) next to a Dense or
+  convolution is folded into that layer's secret weights when this is exact;
+- an average pool's 1/k moves into the next Dense or convolution when only ReLUs, max pools
+  or reshapes lie between (the pool becomes a sum, with no truncation round).
+
+:func:`check_range` bounds every value the private step computes from the declared input range
+and refuses a model that could leave the fixed-point headroom.
 """
 
 import os
@@ -12,38 +21,65 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .errors import UnsupportedLayerError
+from . import layers as registry
+from .errors import OutOfRangeError, UnsupportedLayerError
+from .layers.activations import CLIENT_SIDE
+from .mpc.encoding import FIXED64
 
-SUPPORTED_LAYERS = (
-    "InputLayer", "Conv2D", "Dense", "AveragePooling2D", "MaxPooling2D", "ReLU",
-    "Activation('relu'|'linear'|final 'softmax')", "Flatten", "Reshape",
-    "BatchNormalization (after Conv2D/Dense)", "Dropout", "final Softmax",
-)
+INPUT = registry.INPUT
 
 
 @dataclass
-class LayerSpec:
-    """One step of the private forward pass.
-
-    kind: conv2d | dense | relu | avgpool | maxpool | flatten | reshape.
-    """
+class Node:
+    """One step of the private evaluation: a registry kind applied to earlier nodes' outputs
+    (``inputs``: node ids, :data:`INPUT` for the model's input), with secret ``weights`` and
+    public ``params``; ``shape`` is its output's shape without the batch dimension."""
 
     kind: str
     name: str
+    inputs: List[int]
     params: dict = field(default_factory=dict)
     weights: List[np.ndarray] = field(default_factory=list)
+    shape: Tuple[int, ...] = ()
+
+    def public(self):
+        """What the workers are told about this node (no weight, only weight shapes)."""
+        return {"kind": self.kind, "name": self.name, "inputs": list(self.inputs),
+                "params": _jsonable(self.params), "shape": [int(d) for d in self.shape],
+                "weight_shapes": [list(w.shape) for w in self.weights]}
 
 
 @dataclass
 class ModelSpec:
-    """A converted model: its layers, shapes (batch dimension excluded) and output activation."""
+    """A converted model: its nodes in evaluation order (the last one is the output), shapes
+    without the batch dimension, and the final activation the client applies."""
 
-    layers: List[LayerSpec]
+    nodes: List[Node]
     input_shape: Tuple[int, ...]
     output_shape: Tuple[int, ...]
-    output_activation: Optional[str]  # None or "softmax", applied by the client
+    output_activation: Optional[str]  # None, "softmax" or "sigmoid"
     batch_size: Optional[int]  # the model's own fixed batch size, if any
     name: str = "model"
+
+    @property
+    def weights(self):
+        """Every secret weight, in upload order."""
+        return [w for node in self.nodes for w in node.weights]
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def supported_layers():
+    """The Keras layers :func:`convert` accepts, as described to users."""
+    return registry.supported_layers()
 
 
 def load_model(model_or_path):
@@ -75,168 +111,319 @@ def _unsupported(layer, why=None):
         layer.name, type(layer).__name__)
     if why:
         msg += ": " + why
-    msg += ". Supported layers: " + ", ".join(SUPPORTED_LAYERS)
+    msg += ". Supported layers: " + ", ".join(supported_layers())
     return UnsupportedLayerError(msg)
 
 
-def _activation_name(value):
-    if value is None:
-        return "linear"
-    if isinstance(value, str):
-        return value
-    return getattr(value, "__name__", str(value))
+def _shape(tensor):
+    return tuple(None if d is None else int(d) for d in tensor.shape)
 
 
-def _pair(value):
-    if isinstance(value, int):
-        return (value, value)
-    return tuple(int(v) for v in value)
+class _Layer:
+    """The converter's view of one Keras layer call, handed to its registry entry."""
+
+    def __init__(self, graph, layer, inputs, in_shapes, out_shape):
+        self.graph, self.layer = graph, layer
+        self.inputs, self.in_shapes, self.out_shape = inputs, in_shapes, out_shape
+        self._weights = None
+
+    @property
+    def weights(self):
+        """The layer's weights as float64 arrays."""
+        if self._weights is None:
+            self._weights = [np.asarray(w, dtype=np.float64) for w in self.layer.get_weights()]
+        return self._weights
+
+    def add(self, kind, inputs=None, params=None, weights=(), name=None):
+        """Append a node of ``kind`` (default input: the layer's inputs; default shape: the
+        layer's output shape) and return its id."""
+        self.graph.append(Node(kind, name or self.layer.name,
+                               list(self.inputs if inputs is None else inputs),
+                               dict(params or {}), list(weights), tuple(self.out_shape)))
+        return len(self.graph) - 1
+
+    def activation(self, value, x):
+        """Add activation ``value`` (name or function) applied to node ``x``."""
+        from .layers.activations import activation
+
+        return activation(self, value, x)
+
+    def unsupported(self, why=None):
+        """The error refusing this layer, saying why."""
+        return _unsupported(self.layer, why)
+
+    def channels_last(self, cfg):
+        """Refuse channels-first layers."""
+        if cfg.get("data_format") not in (None, "channels_last"):
+            raise self.unsupported("only data_format='channels_last' is supported")
 
 
-def _check_channels_last(layer, cfg):
-    if cfg.get("data_format") not in (None, "channels_last"):
-        raise _unsupported(layer, "only data_format='channels_last' is supported")
+def _is_model(op):
+    return hasattr(op, "layers") and hasattr(op, "inputs") and hasattr(op, "outputs")
 
 
-def _input_shape(model):
-    shape = None
-    try:
-        shape = tuple(model.inputs[0].shape)
-    except (AttributeError, IndexError, ValueError, TypeError):
-        pass
-    if shape is None:
-        shape = getattr(model, "input_shape", None)
-    if isinstance(shape, list):
-        shape = shape[0]
-    if shape is None:
-        raise ValueError("the model has no known input shape: build it (or give the first layer "
-                         "an input shape) before sharing it")
-    return tuple(None if d is None else int(d) for d in shape)
+class _Tracer:
+    """Walks a Keras graph from its output back to its input, converting each layer call once
+    and after its inputs (so the nodes come out in topological order)."""
+
+    def __init__(self):
+        self.nodes = []
+
+    def value(self, tensor, env):
+        """The node id holding ``tensor``; ``env`` maps id(tensor) -> node id for the tensors
+        already converted in this (sub)model, starting with its inputs."""
+        key = id(tensor)
+        if key in env:
+            return env[key]
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            raise ValueError("the model's graph cannot be read: a tensor has no Keras history")
+        op, node_index, tensor_index = history
+        call = op._inbound_nodes[node_index]
+        ins = [self.value(t, env) for t in call.input_tensors]
+        if _is_model(op):  # a nested model: inline its graph
+            if len(op.inputs) != len(ins):
+                raise _unsupported(op, "a nested model with several inputs")
+            inner = {id(t): i for t, i in zip(op.inputs, ins)}
+            env[key] = self.value(op.outputs[tensor_index], inner)
+            return env[key]
+        if type(op).__name__ == "InputLayer":
+            raise _unsupported(op, "a second model input (only one input is supported)")
+        if len(call.output_tensors) != 1:
+            raise _unsupported(op, "a layer with several outputs")
+        entry = registry.by_keras(type(op).__name__)
+        if entry is None:
+            raise _unsupported(op)
+        ctx = _Layer(self.nodes, op, ins, [_shape(t)[1:] for t in call.input_tensors],
+                     _shape(tensor)[1:])
+        env[key] = entry.convert(ctx, op, op.get_config())
+        return env[key]
 
 
-def _check_chain(model):
-    """Reject functional models that are not a simple chain of single-input layers."""
-    layers = model.layers
-    for layer in layers:
-        nodes = getattr(layer, "_inbound_nodes", None) or []
-        for node in nodes:
-            parents = getattr(node, "parent_nodes", None)
-            if parents is not None and len(parents) > 1:
-                raise _unsupported(layer, "only sequential chains of layers are supported "
-                                   "(this layer has several inputs)")
+def _model_input(model):
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ValueError("the model has no known input shape: build it (or give it a "
+                         "keras.Input) before sharing it")
+    if len(inputs) != 1:
+        raise UnsupportedLayerError("the model has {} inputs; only models with one input are "
+                                    "supported".format(len(inputs)))
+    outputs = getattr(model, "outputs", None) or []
+    if len(outputs) != 1:
+        raise UnsupportedLayerError("the model has {} outputs; only models with one output are "
+                                    "supported".format(len(outputs)))
+    shape = _shape(inputs[0])
+    if len(shape) < 2 or any(d is None for d in shape[1:]):
+        raise ValueError("the model's input shape {} must be fully known apart from the batch "
+                         "dimension".format(shape))
+    return inputs[0], outputs[0], shape
+
+
+def _consumers(nodes):
+    out = {i: [] for i in range(len(nodes))}
+    for j, node in enumerate(nodes):
+        for i in node.inputs:
+            if i != INPUT:
+                out[i].append(j)
+    return out
+
+
+def _keep(nodes, output):
+    """The nodes ``output`` depends on, renumbered in order; returns (nodes, new output id)."""
+    needed, stack = set(), [output]
+    while stack:
+        i = stack.pop()
+        if i != INPUT and i not in needed:
+            needed.add(i)
+            stack.extend(nodes[i].inputs)
+    order = sorted(needed)
+    new = {old: k for k, old in enumerate(order)}
+    new[INPUT] = INPUT
+    kept = []
+    for old in order:
+        node = nodes[old]
+        node.inputs = [new[i] for i in node.inputs]
+        kept.append(node)
+    return kept, new[output]
+
+
+def _split_final_activation(nodes, output):
+    activation = None
+    if nodes[output].kind in CLIENT_SIDE:
+        activation = nodes[output].kind
+        output = nodes[output].inputs[0]
+    nodes, output = _keep(nodes, output)
+    for node in nodes:
+        if node.kind in CLIENT_SIDE:
+            raise UnsupportedLayerError(
+                "{!r}: a {} is supported only as the model's final activation (the client "
+                "applies it); inside the network use relu or leaky_relu".format(
+                    node.name, node.kind))
+    return nodes, output, activation
+
+
+def _redirect(nodes, old, new):
+    for node in nodes:
+        node.inputs = [new if i == old else i for i in node.inputs]
+
+
+def _fold_affine(nodes, output):
+    """Fold affine nodes into an adjacent Dense/convolution where that is exact."""
+    changed = True
+    while changed:
+        changed = False
+        users = _consumers(nodes)
+        for a, node in enumerate(nodes):
+            if node.kind != "affine" or not node.weights:
+                continue
+            scale, offset = node.weights
+            src = node.inputs[0]
+            # after: a linear node whose only user is this map
+            if src != INPUT and registry.by_kind(nodes[src].kind).linear \
+                    and users[src] == [a]:
+                lin = nodes[src]
+                kernel, bias = lin.weights
+                lin.weights = [kernel * scale, bias * scale + offset]
+                lin.name, lin.shape = lin.name + "+" + node.name, node.shape
+                _redirect(nodes, a, src)
+                output = src if output == a else output
+                node.weights, node.inputs = [], []  # dropped by _keep
+                changed = True
+                break
+            # before: this map's only user is a Dense, or a convolution that adds no padding
+            if len(users[a]) == 1 and a != output:
+                lin = nodes[users[a][0]]
+                if registry.by_kind(lin.kind).linear and lin.inputs == [a] and \
+                        lin.params.get("padding", "VALID") == "VALID":
+                    kernel, bias = lin.weights
+                    per_in = kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1]).sum(axis=0)
+                    lin.weights = [kernel * scale[:, None], bias + offset @ per_in]
+                    lin.name, lin.inputs = node.name + "+" + lin.name, list(node.inputs)
+                    node.weights, node.inputs = [], []
+                    changed = True
+                    break
+        if changed:
+            nodes, output = _keep(nodes, output)
+    return nodes, output
+
+
+_SUMS = {"avgpool": "sumpool", "avgpool1d": "sumpool1d"}
+
+
+def _defer_averages(nodes, output):
+    """Make an average pool a sum pool and move its 1/k into the next Dense or convolution,
+    when every node in between passes a positive scale through unchanged (ReLU, max pool,
+    reshape, ...) and is read by nothing else: the pool then needs no truncation round."""
+    users = _consumers(nodes)
+    for i, node in enumerate(nodes):
+        if node.kind not in _SUMS:
+            continue
+        cur, target = i, None
+        while cur != output and len(users[cur]) == 1:
+            nxt = users[cur][0]
+            entry = registry.by_kind(nodes[nxt].kind)
+            if nodes[nxt].inputs != [cur] or not (entry.linear or entry.homogeneous):
+                break
+            if entry.linear:
+                target = nodes[nxt]
+                break
+            cur = nxt
+        if target is not None:
+            node.kind = _SUMS[node.kind]
+            kernel, bias = target.weights
+            target.weights = [kernel / float(np.prod(node.params["pool_size"])), bias]
+    return nodes
 
 
 def convert(model_or_path) -> ModelSpec:
-    """Convert a Keras model (or model file) into a :class:`ModelSpec`."""
+    """Convert a Keras model (or model file) into a :class:`ModelSpec`.
+
+    Raises:
+        UnsupportedLayerError: a layer (named in the message) cannot be evaluated privately.
+    """
     model = load_model(model_or_path)
-    _check_chain(model)
-    input_shape = _input_shape(model)
-    if len(input_shape) < 2 or any(d is None for d in input_shape[1:]):
-        raise ValueError("the model's input shape {} must be fully known apart from the batch "
-                         "dimension".format(input_shape))
-
-    layers: List[LayerSpec] = []
-    output_activation = None
-
-    def add_activation(layer, act, is_last):
-        nonlocal output_activation
-        if act in ("linear", None):
-            return
-        if act == "relu":
-            layers.append(LayerSpec("relu", layer.name + "/relu"))
-        elif act == "softmax" and is_last:
-            output_activation = "softmax"
-        else:
-            raise _unsupported(layer, "activation {!r} is not supported (only relu, linear, "
-                               "and softmax as the final activation)".format(act))
-
-    model_layers = [lyr for lyr in model.layers if type(lyr).__name__ != "InputLayer"]
-    for idx, layer in enumerate(model_layers):
-        cls = type(layer).__name__
-        cfg = layer.get_config()
-        is_last = idx == len(model_layers) - 1
-        weights = [np.asarray(w, dtype=np.float64) for w in layer.get_weights()]
-        if cls == "Conv2D":
-            _check_channels_last(layer, cfg)
-            if _pair(cfg.get("dilation_rate", 1)) != (1, 1):
-                raise _unsupported(layer, "dilation_rate must be 1")
-            if int(cfg.get("groups", 1)) != 1:
-                raise _unsupported(layer, "grouped convolutions are not supported")
-            kernel = weights[0]
-            bias = weights[1] if cfg.get("use_bias", True) else np.zeros(kernel.shape[-1])
-            layers.append(LayerSpec("conv2d", layer.name, {
-                "strides": _pair(cfg.get("strides", 1)),
-                "padding": cfg.get("padding", "valid").upper(),
-            }, [kernel, bias]))
-            add_activation(layer, _activation_name(cfg.get("activation")), is_last)
-        elif cls == "Dense":
-            kernel = weights[0]
-            bias = weights[1] if cfg.get("use_bias", True) else np.zeros(kernel.shape[-1])
-            layers.append(LayerSpec("dense", layer.name, {}, [kernel, bias]))
-            add_activation(layer, _activation_name(cfg.get("activation")), is_last)
-        elif cls in ("AveragePooling2D", "MaxPooling2D"):
-            _check_channels_last(layer, cfg)
-            pool = _pair(cfg.get("pool_size", 2))
-            strides = cfg.get("strides")
-            layers.append(LayerSpec("avgpool" if cls.startswith("Average") else "maxpool",
-                                    layer.name, {
-                                        "pool_size": pool,
-                                        "strides": _pair(strides) if strides else pool,
-                                        "padding": cfg.get("padding", "valid").upper(),
-                                    }))
-        elif cls == "ReLU":
-            if cfg.get("max_value") is not None or float(cfg.get("negative_slope", 0) or 0) != 0 \
-                    or float(cfg.get("threshold", 0) or 0) != 0:
-                raise _unsupported(layer, "only the plain ReLU (no max_value, negative_slope or "
-                                   "threshold) is supported")
-            layers.append(LayerSpec("relu", layer.name))
-        elif cls == "Activation":
-            add_activation(layer, _activation_name(cfg.get("activation")), is_last)
-        elif cls == "Softmax" and is_last:
-            output_activation = "softmax"
-        elif cls == "Flatten":
-            _check_channels_last(layer, cfg)
-            layers.append(LayerSpec("flatten", layer.name))
-        elif cls == "Reshape":
-            layers.append(LayerSpec("reshape", layer.name,
-                                    {"target_shape": tuple(int(d) for d in cfg["target_shape"])}))
-        elif cls == "Dropout":
-            continue
-        elif cls == "BatchNormalization":
-            _fold_batchnorm(layer, cfg, weights, layers)
-        else:
-            raise _unsupported(layer)
-
-    output_shape = tuple(int(d) for d in model.outputs[0].shape[1:]) \
-        if getattr(model, "outputs", None) else None
+    inp, out, input_shape = _model_input(model)
+    tracer = _Tracer()
+    output = tracer.value(out, {id(inp): INPUT})
+    nodes = tracer.nodes
+    if output == INPUT:
+        raise UnsupportedLayerError("the model computes nothing (its output is its input)")
+    nodes, output, activation = _split_final_activation(nodes, output)
+    if output == INPUT:
+        raise UnsupportedLayerError("the model is only its final activation")
+    nodes, output = _fold_affine(nodes, output)
+    assert output == len(nodes) - 1
+    nodes = _defer_averages(nodes, output)
     batch_size = input_shape[0]
-    if batch_size is None and model_layers:  # batch_input_shape= given through KerasHook
-        batch_size = getattr(model_layers[0], "_privatekeras_batch_size", None)
-    return ModelSpec(layers=layers, input_shape=tuple(input_shape[1:]),
-                     output_shape=output_shape, output_activation=output_activation,
+    if batch_size is None:  # batch_input_shape= given through KerasHook
+        batch_size = next((getattr(layer, "_privatekeras_batch_size") for layer in model.layers
+                           if getattr(layer, "_privatekeras_batch_size", None)), None)
+    return ModelSpec(nodes=nodes, input_shape=tuple(input_shape[1:]),
+                     output_shape=tuple(nodes[-1].shape), output_activation=activation,
                      batch_size=batch_size, name=getattr(model, "name", "model"))
 
 
-def _fold_batchnorm(layer, cfg, weights, layers):
-    """Fold y = gamma * (x - mean) / sqrt(var + eps) + beta into the preceding layer."""
-    axis = cfg.get("axis", -1)
-    if isinstance(axis, (list, tuple)):
-        axis = axis[0] if len(axis) == 1 else None
-    if axis not in (-1, 3, 1) or (axis == 1 and layers and layers[-1].kind == "conv2d"):
-        raise _unsupported(layer, "only BatchNormalization over the last (channel) axis is "
-                           "supported")
-    if not layers or layers[-1].kind not in ("conv2d", "dense"):
-        raise _unsupported(layer, "BatchNormalization is folded into the layer before it, which "
-                           "must be a Conv2D or Dense without activation")
-    prev = layers[-1]
-    it = iter(weights)
-    gamma = next(it) if cfg.get("scale", True) else None
-    beta = next(it) if cfg.get("center", True) else None
-    mean = next(it)
-    var = next(it)
-    gamma = np.ones_like(mean) if gamma is None else gamma
-    beta = np.zeros_like(mean) if beta is None else beta
-    factor = gamma / np.sqrt(var + float(cfg.get("epsilon", 1e-3)))
-    kernel, bias = prev.weights
-    prev.weights = [kernel * factor, (bias - mean) * factor + beta]
-    prev.name = prev.name + "+" + layer.name
+# -- range ---------------------------------------------------------------------------------
+def check_input_range(input_range, bound=FIXED64.bound):
+    """Validate a declared input range; returns (lo, hi) floats or None. ``bound``: the
+    magnitude the range must stay below (None: any finite range)."""
+    if input_range is None:
+        return None
+    if isinstance(input_range, (str, bytes)):
+        raise ValueError("input_range must be two numbers (lo, hi), got {!r}".format(
+            input_range))
+    try:
+        lo, hi = (float(v) for v in input_range)
+    except (TypeError, ValueError):
+        raise ValueError("input_range must be two numbers (lo, hi), got {!r}".format(
+            input_range)) from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError("input_range must be two finite numbers with lo < hi, got {!r}".format(
+            input_range))
+    if bound is not None and (lo <= -bound or hi >= bound):
+        raise ValueError("input_range must lie within (-{0:g}, {0:g}), the fixed-point "
+                         "encoding's range; got ({1:g}, {2:g})".format(bound, lo, hi))
+    return lo, hi
+
+
+def check_range(spec, input_range=None):
+    """Bound every value of the private evaluation, by interval arithmetic from the input
+    range (default: the encoding's whole range) and the weights, and refuse a model that could
+    leave the fixed-point headroom (:attr:`FixedPoint.headroom`).
+
+    Returns:
+        the largest magnitude any value can reach.
+    Raises:
+        OutOfRangeError: naming the first layer that can exceed the headroom and its bound.
+    """
+    declared = check_input_range(input_range)
+    lo, hi = declared or (-FIXED64.bound, FIXED64.bound)
+    # Batches are padded with zero rows, so zero is always a possible input.
+    shape = spec.input_shape
+    x = (np.full(shape, min(lo, 0.0)), np.full(shape, max(hi, 0.0)))
+    values, top, limit = [], 0.0, FIXED64.headroom
+    for node in spec.nodes:
+        ins = [x if i == INPUT else values[i][:2] for i in node.inputs]
+        try:
+            out = registry.by_kind(node.kind).bounds(node.public(), node.weights, *ins)
+        except registry.BoundError as exc:
+            raise OutOfRangeError("layer {!r}: {}".format(node.name, exc)) from None
+        if out[2] >= limit:
+            given = ("the declared input range ({:g}, {:g})".format(lo, hi) if declared else
+                     "inputs anywhere in the encoding's range (-{0:g}, {0:g}), as no input_range "
+                     "was declared".format(FIXED64.bound))
+            raise OutOfRangeError(
+                "layer {!r} ({}) can reach values of magnitude {:.3g} for {}, beyond the "
+                "fixed-point headroom of {:.3g} (2^{}): its private result would be wrong. "
+                "{}".format(node.name, node.kind, out[2], given, limit,
+                            int(np.log2(limit)),
+                            "Declare the range your inputs really take, e.g. "
+                            "input_range=(0, 1)" if not declared else
+                            "Rescale the inputs or the weights (e.g. normalise the inputs)"))
+        values.append(out)
+        top = max(top, out[2])
+    return top
+
+
+__all__ = ["ModelSpec", "Node", "INPUT", "convert", "check_range", "check_input_range",
+           "load_model", "supported_layers"]

@@ -1,10 +1,19 @@
-"""Exceptions raised by privatekeras. Each message says what went wrong and how to fix it."""
+"""Exceptions raised by privatekeras. Each message says what went wrong and how to fix it.
 
-from .kernels.loader import KernelsMissingError
+Every one derives from :class:`PrivateKerasError`; R gets the whole chain as condition classes
+(``privatekeras_PortInUseError``, ``privatekeras_ClusterError``,
+``privatekeras_PrivateKerasError``, ...). This module imports nothing of privatekeras, so any
+module may import it.
+"""
 
 
 class PrivateKerasError(Exception):
     """Base class of privatekeras' errors."""
+
+
+class KernelsMissingError(PrivateKerasError, RuntimeError):
+    """The secure kernels are not built for this TensorFlow; privatekeras will not start.
+    (Also importable from :mod:`privatekeras.kernels`, where they are loaded.)"""
 
 
 class ClusterError(PrivateKerasError):
@@ -17,6 +26,11 @@ class PortInUseError(ClusterError):
 
 class UnsupportedLayerError(PrivateKerasError, ValueError):
     """The model has a layer that cannot be computed privately."""
+
+
+class OutOfRangeError(PrivateKerasError, ValueError):
+    """A model could compute values beyond the fixed-point encoding's headroom, so its
+    private answers could be wrong (see ``check_range``)."""
 
 
 class InputError(PrivateKerasError, ValueError):
@@ -40,11 +54,20 @@ class OwnerUnavailableError(PrivateKerasError):
     """The model owner's process stopped serving without withdrawing (died or hangs)."""
 
 
+def class_chain(exc):
+    """The names of ``exc``'s classes, most specific first (``BaseException`` and ``object``
+    left out), and its qualified name: what R makes its condition classes of."""
+    kind = type(exc)
+    chain = [c.__name__ for c in kind.__mro__ if c not in (BaseException, object)]
+    return chain, "{}.{}".format(kind.__module__, kind.__qualname__)
+
+
 __all__ = [
     "PrivateKerasError",
     "ClusterError",
     "PortInUseError",
     "UnsupportedLayerError",
+    "OutOfRangeError",
     "InputError",
     "NotServingError",
     "WorkerUnavailableError",

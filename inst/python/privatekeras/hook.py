@@ -29,10 +29,12 @@ def _shared_of(model):
                            "first") from None
 
 
-def _model_share(self, cluster, protocol="aby3", batch_size=None):
-    """Secret-share this model's weights onto ``cluster`` (a TFECluster or Cluster)."""
+def _model_share(self, cluster, protocol="aby3", batch_size=None, input_range=None):
+    """Secret-share this model's weights onto ``cluster`` (a TFECluster or Cluster); see
+    :func:`privatekeras.share` for ``input_range``."""
     cluster = cluster.cluster if isinstance(cluster, TFECluster) else cluster
-    _shared[self] = share(self, cluster, protocol=protocol, batch_size=batch_size)
+    _shared[self] = share(self, cluster, protocol=protocol, batch_size=batch_size,
+                          input_range=input_range)
     return self
 
 

@@ -11,7 +11,7 @@ import os
 import threading
 
 from . import wire
-from .convert import convert
+from .convert import check_input_range, check_range, convert
 from .errors import PrivateKerasError
 from .log import say
 from .mpc.encoding import FIXED64, share as share_ring
@@ -37,9 +37,10 @@ def check_protocol(protocol):
     return name
 
 
-def public_spec(spec, protocol, batch_size, max_group):
+def public_spec(spec, protocol, batch_size, max_group, input_range=None):
     """What the workers are told about a converted model: architecture and shapes (public in
-    the threat model), never a weight. Clients are shown only its shapes and encoding."""
+    the threat model), never a weight. Clients are shown only its shapes, encoding, final
+    activation and declared input range."""
     return {
         "model_id": os.urandom(8).hex(),
         "name": spec.name,
@@ -48,20 +49,11 @@ def public_spec(spec, protocol, batch_size, max_group):
         "input_shape": [batch_size] + [int(d) for d in spec.input_shape],
         "output_shape": [batch_size] + [int(d) for d in spec.output_shape],
         "output_activation": spec.output_activation,
+        "input_range": None if input_range is None else list(input_range),
         "fixed_point": FIXED64.describe(),
         "max_group": max_group,
-        "layers": [{"kind": layer.kind, "name": layer.name, "params": _jsonable(layer.params),
-                    "weight_shapes": [list(w.shape) for w in layer.weights]}
-                   for layer in spec.layers],
+        "nodes": [node.public() for node in spec.nodes],
     }
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _upload_chunks(spec_json, weights, index):
@@ -96,9 +88,12 @@ class SharedModel:
         self._lock = threading.Lock()
 
     def __repr__(self):
-        return ("<privatekeras.SharedModel {!r} protocol={} input={} output={} {} "
+        extra = "".join(" {}={}".format(k, v) for k, v in (
+            ("input_range", self.public_spec.get("input_range")),
+            ("final_activation", self.public_spec.get("output_activation"))) if v is not None)
+        return ("<privatekeras.SharedModel {!r} protocol={} input={} output={}{} {} "
                 "served={}>").format(self.spec.name, self.protocol, self.input_shape,
-                                     self.output_shape,
+                                     self.output_shape, extra,
                                      "serving" if self.serving else "not serving", self.served)
 
     def _worker0(self):
@@ -201,7 +196,7 @@ def _prepare(cluster, model_id):
         raise wire.translate(exc, name) from None
 
 
-def share(model, cluster, protocol="aby3", batch_size=None, max_group=1):
+def share(model, cluster, protocol="aby3", batch_size=None, max_group=1, input_range=None):
     """Secret-share a Keras model's weights onto a running cluster.
 
     Converts the model, encodes and shares every weight in this process, uploads each worker
@@ -209,8 +204,9 @@ def share(model, cluster, protocol="aby3", batch_size=None, max_group=1):
     its first query at full speed.
 
     Args:
-        model: a Keras 3 / tf.keras model (Sequential or a simple functional chain), or the
-            path of a ``.keras`` / ``.h5`` file.
+        model: a Keras model (Sequential or functional: branches, residual ``Add`` and
+            ``Concatenate`` joins, nested models), or the path of a ``.keras`` / ``.h5``
+            file. Layers: see ``privatekeras.supported_layers()``.
         cluster: a started :class:`~privatekeras.Cluster` (or one whose workers run
             elsewhere).
         protocol: ``"aby3"`` (the only one offered; see docs/security.md for why SecureNN
@@ -220,14 +216,32 @@ def share(model, cluster, protocol="aby3", batch_size=None, max_group=1):
         max_group: when several clients' queries are waiting, evaluate up to this many in one
             private step (their batches concatenated; each answer still goes only to its
             client). Raises throughput under concurrent load; costs a second trace.
+        input_range: ``(lo, hi)``, the values the model's inputs take (e.g. ``(0, 1)`` or
+            ``(0, 255)``). Every value of the private evaluation is bounded from it and the
+            weights, and a model that could leave the fixed-point headroom is refused;
+            clients refuse inputs outside it. Default: the encoding's whole range
+            (-2048, 2048), for which larger models are refused: declare the real range.
     Returns:
         a :class:`SharedModel`.
+    Raises:
+        UnsupportedLayerError: a layer cannot be evaluated privately (named in the message).
+        OutOfRangeError: a layer could leave the fixed-point headroom for this input range.
+
+    On a CKKS :class:`~privatekeras.Server`, the model goes to the one server in clear
+    (``privatekeras.ckks.owner.share``; ``protocol``, ``batch_size`` and ``max_group`` do
+    not apply).
     """
+    if getattr(cluster, "scheme", "aby3") == "ckks":
+        from .ckks.owner import share as share_ckks
+
+        return share_ckks(model, cluster, input_range=input_range)
     protocol = check_protocol(protocol)
     max_group = int(max_group)
     if not 1 <= max_group <= 16:
         raise ValueError("max_group must be an integer in 1..16, got {}".format(max_group))
+    input_range = check_input_range(input_range)
     spec = convert(model)
+    top = check_range(spec, input_range)
     if batch_size is None:
         batch_size = spec.batch_size or 1
     batch_size = int(batch_size)
@@ -236,10 +250,11 @@ def share(model, cluster, protocol="aby3", batch_size=None, max_group=1):
     if spec.batch_size not in (None, batch_size):
         raise ValueError("the model has a fixed batch size of {}, but batch_size={} was "
                          "asked for".format(spec.batch_size, batch_size))
-    public = public_spec(spec, protocol, batch_size, max_group)
-    weights = [w for layer in spec.layers for w in layer.weights]
-    say("secret-sharing {} weights of model {!r} onto the workers ...".format(
-        len(weights), spec.name))
+    public = public_spec(spec, protocol, batch_size, max_group, input_range)
+    weights = spec.weights
+    say("secret-sharing {} weights of model {!r} onto the workers (largest value of the "
+        "private evaluation: {:.3g}, headroom {:.3g}) ...".format(
+            len(weights), spec.name, top, FIXED64.headroom))
     try:
         shares = [share_ring(FIXED64.encode(w, what="weight")) for w in weights]
     except PrivateKerasError as exc:

@@ -71,7 +71,7 @@ class Model:
     def client_spec(self):
         """What clients are told: shapes, protocol, encoding; not the architecture."""
         keep = ("model_id", "name", "protocol", "batch_size", "input_shape", "output_shape",
-                "output_activation", "fixed_point")
+                "output_activation", "input_range", "fixed_point")
         return {k: self.spec[k] for k in keep if k in self.spec}
 
 
@@ -244,17 +244,24 @@ class WorkerServer:
                            spec_json=spec)
 
     # -- the owner's calls -----------------------------------------------------------------
-    def Upload(self, chunks, context, peer):
+    @staticmethod
+    def _read_upload(chunks, parse):
+        """The (spec, tensors) of an Upload stream: one spec (checked by ``parse``) first,
+        then the tensors."""
         spec, tensors = None, []
         for chunk in chunks:
             if chunk.spec_json:
                 if spec is not None:
                     raise Refusal("BadInput", "an upload carries one model spec")
-                spec = _parse_spec(chunk.spec_json)
+                spec = parse(chunk.spec_json)
             tensors.extend(chunk.weights)
         if spec is None:
             raise Refusal("BadInput", "the upload carried no model spec")
-        shapes = [tuple(s) for layer in spec["layers"] for s in layer["weight_shapes"]]
+        return spec, tensors
+
+    def Upload(self, chunks, context, peer):
+        spec, tensors = self._read_upload(chunks, _parse_spec)
+        shapes = [tuple(s) for node in spec["nodes"] for s in node["weight_shapes"]]
         from .mpc import store
 
         if len(tensors) != store.SHARES * len(shapes):
@@ -489,10 +496,11 @@ class WorkerServer:
                 self._cv.wait(0.05)
 
     # -- the clients' calls ----------------------------------------------------------------
-    def Submit(self, request, context, peer):
+    def _submitted_model(self, request):
+        """The served model a Submit is for, after checking its query id and fetch digest."""
         model = self._model
         if model is None:
-            raise Refusal("NotServing", "no model is being served on this cluster")
+            raise Refusal("NotServing", "no model is being served here")
         if request.model_id != model.id:
             raise Refusal("NotServing", "the model owner has replaced the served model; "
                                         "query again")
@@ -500,6 +508,29 @@ class WorkerServer:
             raise Refusal("BadInput", "a query id is 32 lowercase hex digits")
         if len(request.fetch_digest) != 32:
             raise Refusal("BadInput", "the fetch digest must be 32 bytes (SHA-256)")
+        return model
+
+    def _register(self, request, check_serving):
+        """Record a submitted query (the caller holds ``self._cv``); ``check_serving``: this
+        party decides what is served (worker 0), so it checks the serving session too."""
+        if check_serving:
+            if self._state == "failed":
+                raise Refusal("WorkerLost", self._message)
+            if self._state != wire.SERVING:
+                raise Refusal("NotServing", "no model is being served: {}".format(
+                    self._message))
+            if request.session != self._session:
+                raise Refusal("NotServing", "the model owner restarted serving; query again")
+        if request.query_id in self._queries:
+            raise Refusal("BadInput", "query id already in use")
+        if len(self._queries) >= MAX_WAITING:
+            raise Refusal("Busy", "{} holds {} queries already; try again later".format(
+                self.config.name, MAX_WAITING))
+        self._queries[request.query_id] = Query(request.query_id, request.fetch_digest,
+                                                request.session)
+
+    def Submit(self, request, context, peer):
+        model = self._submitted_model(request)
         from .mpc.store import SHARES
 
         if len(request.shares) != SHARES:
@@ -510,22 +541,7 @@ class WorkerServer:
         except PrivateKerasError as exc:
             raise Refusal("BadInput", str(exc)) from None
         with self._cv:
-            if self.index == 0:
-                if self._state == "failed":
-                    raise Refusal("WorkerLost", self._message)
-                if self._state != wire.SERVING:
-                    raise Refusal("NotServing", "no model is being served: {}".format(
-                        self._message))
-                if request.session != self._session:
-                    raise Refusal("NotServing", "the model owner restarted serving; query "
-                                                "again")
-            if request.query_id in self._queries:
-                raise Refusal("BadInput", "query id already in use")
-            if len(self._queries) >= MAX_WAITING:
-                raise Refusal("Busy", "worker {} holds {} queries already; try again "
-                              "later".format(self.config.name, MAX_WAITING))
-            self._queries[request.query_id] = Query(request.query_id, request.fetch_digest,
-                                                    request.session)
+            self._register(request, check_serving=self.index == 0)
             self._cv.notify_all()
         try:
             model.store.put_input(request.query_id, pair)
@@ -585,6 +601,10 @@ class WorkerServer:
             if self._queries.pop(query.id, None) is None:
                 raise Refusal("BadInput", "this answer was already fetched")
         context.add_callback(lambda: self._collected(query.id, self.index))
+        return self._reply(query)
+
+    def _reply(self, query):
+        """The answer to a Fetch of an evaluated query: this worker's answer shares."""
         return M.FetchReply(ready=True, shares=[wire.tensor(s) for s in query.output])
 
     # -- between workers -------------------------------------------------------------------
@@ -666,6 +686,22 @@ def _first_line(exc):
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
+def _nodes_ok(nodes):
+    """A non-empty list of nodes of known kinds, each reading only earlier nodes or the
+    input, with positive weight and output shapes."""
+    from . import layers
+
+    known = set(layers.kinds())
+    return isinstance(nodes, list) and len(nodes) > 0 and all(
+        isinstance(node, dict) and node.get("kind") in known
+        and isinstance(node.get("params", {}), dict)
+        and isinstance(node.get("inputs"), list) and len(node["inputs"]) > 0
+        and all(isinstance(i, int) and layers.INPUT <= i < k for i in node["inputs"])
+        and all(isinstance(d, int) and d > 0 for d in node["shape"])
+        and all(all(isinstance(d, int) and d > 0 for d in s) for s in node["weight_shapes"])
+        for k, node in enumerate(nodes))
+
+
 def _parse_spec(text):
     """The public model spec of an upload, checked enough to size the worker's resources."""
     try:
@@ -675,10 +711,7 @@ def _parse_spec(text):
               and all(isinstance(d, int) and d > 0 for d in spec["input_shape"])
               and all(isinstance(d, int) and d > 0 for d in spec["output_shape"])
               and spec["input_shape"][0] == spec["output_shape"][0]
-              and isinstance(spec["layers"], list)
-              and all(isinstance(layer.get("kind"), str) and all(
-                  all(isinstance(d, int) and d > 0 for d in s) for s in layer["weight_shapes"])
-                  for layer in spec["layers"])
+              and _nodes_ok(spec["nodes"])
               and 1 <= int(spec.get("max_group", 1)) <= 16)
     except (ValueError, KeyError, TypeError, AttributeError):
         ok = False

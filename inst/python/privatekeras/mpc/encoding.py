@@ -41,6 +41,20 @@ class FixedPoint:
         """Encoded values must lie strictly within (-bound, bound)."""
         return float(2 ** self.int_bits)
 
+    @property
+    def headroom(self):
+        """Every value of a private evaluation must stay below this in magnitude.
+
+        A product of two encoded values carries 2 * frac_bits fractional bits until it is
+        truncated, and ABY3's truncation (TF Encrypted's "heuristic" one) lifts it by 2^62
+        and is exact only if the result stays in [0, 2^63): so the real value must lie
+        within 2^(62 - 2 * frac_bits) = 2^30 for 16 fractional bits. (Measured: beyond it
+        answers go wrong with a probability that depends on the masks, from ~2^32 always.)
+        Values between truncations are bounded far more loosely (2^47): this is the binding
+        constraint.
+        """
+        return float(2 ** (62 - 2 * self.frac_bits))
+
     def describe(self):
         """The public description clients check against the served model's."""
         return {"base": 2, "frac_digits": self.frac_bits, "int_digits": self.int_bits}
