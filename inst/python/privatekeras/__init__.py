@@ -22,25 +22,27 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impo
 # stunnels, R's processx children); privatekeras never uses gRPC in a forked child.
 _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from . import data  # noqa: E402
+from . import ckks, data  # noqa: E402
 from .client import Client, connect  # noqa: E402
-from .cluster import Cluster  # noqa: E402
-from .convert import SUPPORTED_LAYERS, convert  # noqa: E402
+from .cluster import Cluster, Server  # noqa: E402
+from .convert import check_range, convert, supported_layers  # noqa: E402
 from .errors import (AccessDeniedError, ClusterError, InputError, KernelsMissingError,
-                     NotServingError, OwnerUnavailableError, PortInUseError,
-                     PrivateKerasError, UnsupportedLayerError,
+                     NotServingError, OutOfRangeError, OwnerUnavailableError,
+                     PortInUseError, PrivateKerasError, UnsupportedLayerError,
                      WorkerUnavailableError)  # noqa: E402
 from .hook import KerasHook, TFECluster, TFEWorker  # noqa: E402
+from .log import set_verbosity  # noqa: E402
 from .owner import SharedModel, share  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cluster", "share", "data", "SharedModel", "connect", "Client", "convert", "SUPPORTED_LAYERS",
+    "Cluster", "Server", "share", "data", "ckks", "SharedModel", "connect", "Client", "convert",
+    "check_range", "supported_layers",
     "KerasHook", "TFEWorker", "TFECluster", "secure_randomness_active",
     "PrivateKerasError", "ClusterError", "PortInUseError", "UnsupportedLayerError",
-    "InputError", "NotServingError", "WorkerUnavailableError", "OwnerUnavailableError",
-    "KernelsMissingError", "AccessDeniedError",
+    "InputError", "OutOfRangeError", "NotServingError", "WorkerUnavailableError", "OwnerUnavailableError",
+    "KernelsMissingError", "AccessDeniedError", "set_verbosity",
 ]
 
 

@@ -107,6 +107,8 @@ class Cluster:
     loopback, on ports the cluster picks when it starts.
     """
 
+    scheme = "aby3"  # privatekeras.Server: "ckks"
+
     def __init__(self, hosts, auto_managed=True, start_timeout=120.0):
         if isinstance(hosts, str):
             hosts = [hosts]
@@ -257,14 +259,23 @@ class Cluster:
         say("starting 3 workers on {} ...".format(", ".join(self.hosts)))
         for i in range(3):
             env = dict(base_env, PRIVATEKERAS_CONFINE_PORTS=compute[i].rpartition(":")[2])
-            log = open(os.path.join(self._logdir, "worker{}.log".format(i)), "w")
-            cmd = [sys.executable, "-m", "privatekeras", "worker", "--hosts",
-                   ",".join(self._local_key()), "--index", str(i), "--compute",
-                   ",".join(compute), "--parent-pid", str(os.getpid())]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-            log.close()
-            self._procs.append(proc)
+            self._launch(["--hosts", ",".join(self._local_key()), "--index", str(i),
+                          "--compute", ",".join(compute)], env)
+        return self._await_start()
+
+    def _launch(self, args, env=None):
+        """Start the next worker process (``privatekeras worker`` + ``args``), its output
+        going to its log file in this cluster's log directory."""
+        log = open(os.path.join(self._logdir, "worker{}.log".format(len(self._procs))), "w")
+        cmd = [sys.executable, "-m", "privatekeras", "worker"] + list(args) + [
+            "--parent-pid", str(os.getpid())]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self._procs.append(proc)
+
+    def _await_start(self):
+        """Wait until every launched process is ready; stop them all if one is not."""
         _live_clusters.add(self)
         try:
             self._wait_ready()
@@ -327,7 +338,7 @@ class Cluster:
                 proc.kill()
                 proc.wait()
         if procs:
-            say("workers stopped")
+            say("workers stopped" if len(procs) > 1 else "server stopped")
         if self._made_credentials:
             from .deploy.pki import remove_local
 
@@ -343,6 +354,108 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class Server(Cluster):
+    """One server for encrypted predictions with CKKS (homomorphic encryption): the model
+    owner uploads a linear model to it in clear, clients send rows encrypted under their own
+    keys and decrypt the answers themselves. Same verbs as a :class:`Cluster`: ``start()``,
+    ``stop()``, ``share()``, ``serve()``, ``connect()``, ``query()``.
+
+    Args:
+        host: ``"host:port"``: where the server's API listens (mutual TLS).
+        scheme: ``"ckks"`` (the only one-server scheme).
+        auto_managed: when True, :meth:`start` spawns the server as a local process (with a
+            throw-away CA for it, the owner and clients); when False it runs already
+            (``privatekeras worker --scheme ckks --hosts HOST:PORT``, same user).
+        start_timeout: seconds to wait for the server to answer.
+    """
+
+    def __init__(self, host, scheme="ckks", auto_managed=True, start_timeout=60.0):
+        if str(scheme).lower() != "ckks":
+            raise ClusterError("a Server's scheme is 'ckks' (homomorphic encryption on one "
+                               "server), got {!r}; three-party computation runs on a Cluster "
+                               "of three workers".format(scheme))
+        if isinstance(host, (list, tuple)):
+            if len(host) != 1:
+                raise ClusterError("a CKKS server has one address, got {}: {}".format(
+                    len(host), list(host)))
+            host = host[0]
+        name, port = parse_host(host)
+        self.hosts = [_format(name, port)]
+        self.scheme = "ckks"
+        self.auto_managed = bool(auto_managed)
+        self.start_timeout = float(start_timeout)
+        self.loopback_only = is_loopback(name)
+        self.worker_names = ["worker0"]  # the certificate name of the one server
+        self.config = None
+        self.party = None
+        self._procs = []
+        self._logdir = None
+        self._made_credentials = False
+        self._stubs = {}
+
+    @property
+    def host(self):
+        return self.hosts[0]
+
+    @property
+    def running(self):
+        """True when this object started the server and it is alive."""
+        return len(self._procs) == 1 and self._procs[0].poll() is None
+
+    def __repr__(self):
+        if self.auto_managed:
+            state = "running (pid {})".format(self.pids[0]) if self.running else "stopped"
+        else:
+            state = "external server"
+        return "<privatekeras.Server {} scheme=ckks [{}]; {}>".format(
+            self.hosts[0], state, "on this machine" if self.loopback_only else
+            "API on a named address")
+
+    def start(self):
+        """Spawn the server, with a fresh throw-away CA, and wait until it answers. Returns
+        self."""
+        if not self.auto_managed:
+            raise ClusterError("this server is not auto-managed: start it with `privatekeras "
+                               "worker --scheme ckks --hosts {}`".format(self.hosts[0]))
+        if self.running:
+            return self
+        self.stop()
+        name, port = parse_host(self.hosts[0])
+        if is_loopback(name) and _port_in_use(port):
+            raise PortInUseError(
+                "port {} ({}) is already in use, by another program or another server; "
+                "choose another port or stop the process that holds it".format(
+                    port, self.hosts[0]))
+        from .deploy.pki import make_local
+
+        make_local(self._local_key())
+        self._made_credentials = True
+        self._logdir = tempfile.mkdtemp(prefix="privatekeras-server-")
+        say("starting the CKKS server on {} ...".format(self.hosts[0]))
+        self._launch(["--scheme", "ckks", "--hosts", self._local_key()[0]])
+        return self._await_start()
+
+    def _wait_ready(self):
+        deadline = time.monotonic() + self.start_timeout
+        proc = self._procs[0]
+        while "READY" not in self._worker_log(0, tail=100000):
+            if proc.poll() is not None:
+                raise ClusterError("the CKKS server ({}) exited with code {} during "
+                                   "start-up:\n{}".format(self.hosts[0], proc.returncode,
+                                                          self._worker_log(0)))
+            if time.monotonic() > deadline:
+                raise ClusterError("the CKKS server did not start within {:.0f} s; its "
+                                   "log:\n{}".format(self.start_timeout, self._worker_log(0)))
+            time.sleep(0.05)
+        say("CKKS server ready")
+        self.status()  # it answers over mutual TLS
+
+    @classmethod
+    def from_config(cls, path, name, start_timeout=120.0):
+        raise ClusterError("a CKKS server is not described by a hosts file yet: run it on "
+                           "this machine (Server(...).start())")
 
 
 def _stop_all():

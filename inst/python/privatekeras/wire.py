@@ -22,6 +22,10 @@ Done        worker          "the answers of these queries are in your output tab
 Collected   worker          "query q's answer share was delivered" (1, 2 -> worker 0)
 ========== =============== ==================================================================
 
+The one-server CKKS backend (:mod:`privatekeras.ckks`) is a worker of its own with the same
+API: ``Upload`` carries the model in clear, ``Submit`` the client's public context and
+encrypted rows, ``Fetch`` the encrypted outputs; the workers' notes are refused there.
+
 The protobuf messages are declared below in Python (a FileDescriptorProto built at import), so
 no generated code or protoc is needed; the wire format is ordinary protobuf.
 """
@@ -65,10 +69,13 @@ MESSAGES = {
                    ("session", "string", False), ("step_seconds", "double", False)],
     "SubmitRequest": [("query_id", "string", False), ("model_id", "string", False),
                       ("session", "string", False), ("shares", "Tensor", True),
-                      ("fetch_digest", "bytes", False)],
+                      ("fetch_digest", "bytes", False),
+                      # CKKS server: the client's public context, one ciphertext per feature
+                      ("context", "bytes", False), ("blobs", "bytes", True)],
     "FetchRequest": [("query_id", "string", False), ("fetch_secret", "bytes", False),
                      ("wait_seconds", "double", False)],
-    "FetchReply": [("ready", "bool", False), ("shares", "Tensor", True)],
+    "FetchReply": [("ready", "bool", False), ("shares", "Tensor", True),
+                   ("blobs", "bytes", True)],  # CKKS server: one ciphertext per output
     "QueryNote": [("query_id", "string", False), ("index", "int32", False)],
     "DoneNote": [("query_ids", "string", True)],
 }

@@ -351,9 +351,10 @@ def runtime_base():
 
 def _check_hosts(hosts):
     hosts = list(hosts) if not isinstance(hosts, str) else [hosts]
-    if len(hosts) != 3 or not all(isinstance(h, str) and h for h in hosts):
-        raise ValueError("hosts must be the cluster's 3 'host:port' strings, got {!r}".format(
-            hosts))
+    # 3: a cluster's workers; 1: the one server of the CKKS backend (privatekeras.Server)
+    if len(hosts) not in (1, 3) or not all(isinstance(h, str) and h for h in hosts):
+        raise ValueError("hosts must be the cluster's 3 'host:port' strings (or a CKKS "
+                         "server's one), got {!r}".format(hosts))
     return hosts
 
 

@@ -14,6 +14,9 @@ The worker's TensorFlow server (its compute port) is confined to loopback: the p
 with the bind() interposer preloaded for that port (it re-executes itself to get it) and, once
 the server is up, checks what actually listens and refuses to go on if anything on the compute
 port listens beyond loopback. It prints ``READY <index> <api address>`` when it serves.
+
+``--scheme ckks --hosts HOST:PORT`` runs the one server of the CKKS backend instead
+(:mod:`privatekeras.ckks.server`: the same API, one party, no TensorFlow server at all).
 """
 
 import argparse
@@ -40,7 +43,33 @@ def _parser():
     p.add_argument("--name", help="this worker's name in the hosts file")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process (the one that started us) dies")
+    p.add_argument("--scheme", choices=("aby3", "ckks"), default="aby3",
+                   help="aby3 (default): one of three workers; ckks: the one server of the "
+                        "CKKS backend (--hosts names its one address; no TensorFlow, no "
+                        "compute port)")
     return p
+
+
+def _main_ckks(args, parser):
+    """``privatekeras worker --scheme ckks --hosts HOST:PORT``: the one CKKS server."""
+    from ..ckks.server import CKKSServer, ServerConfig
+    from ..errors import PrivateKerasError
+
+    if args.config or not args.hosts or "," in args.hosts or args.index not in (None, 0):
+        parser.error("--scheme ckks takes --hosts with the server's one address (and no "
+                     "--config, --index other than 0)")
+    host = args.hosts.strip()
+    try:
+        from .pki import load_local
+
+        config = ServerConfig(host, load_local([host], "worker0"))
+        server = CKKSServer(config).start()
+    except PrivateKerasError as exc:
+        print("privatekeras worker: {}".format(exc), file=sys.stderr, flush=True)
+        return 2
+    print("READY 0 {}".format(host), flush=True)
+    server.wait()
+    return 0
 
 
 def _settings(args, parser):
@@ -120,6 +149,8 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
+    if args.scheme == "ckks":
+        return _main_ckks(args, parser)
     from ..errors import PrivateKerasError
 
     try:
