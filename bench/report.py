@@ -160,6 +160,19 @@ def targets(results, links=None, previous=None):
         ">= 150 images/s", lambda v: v >= 150)
     add("ABY3 batch-1 first query", b1_value("first_query_s"), "{:.1f} s", "<= 5 s",
         lambda v: v <= 5)
+    # Issue 13: the private step near the floor.
+    add("ABY3 batch-1 median latency (issue 13)", b1_value("median_ms"), "{:.1f} ms",
+        "<= 30 ms", lambda v: v <= 30)
+
+    def b32(rows):
+        r = next((x for x in rows if x["protocol"] == "aby3" and x["batch"] == 32
+                  and x["path"] == "python"), None)
+        return None if r is None else r["images_per_s"]
+
+    add("ABY3 batch-32 throughput (issue 13)", b32, "{:.0f} images/s", ">= 150 images/s",
+        lambda v: v >= 150)
+    add("ABY3 batch-1 private step: TensorFlow ops (issue 13)", b1_value("step_ops"), "{:.0f}",
+        "<= 1000", lambda v: v <= 1000)
     py = find(results, "this", "aby3", 1, "python")
     r = find(results, "this", "aby3", 1, "r")
     add("R overhead over Python (ABY3 batch 1, R median - Python median)",
@@ -198,6 +211,9 @@ SIDE_BY_SIDE = [
     ("images/s", "images_per_s", "{:.0f}"),
     ("first query", "first_query_s", "{:.1f} s"),
     ("private step, median", "step_median_ms", "{:.1f} ms"),
+    ("private step: TensorFlow ops (all parties)", "step_ops", "{:.0f}"),
+    ("private step: communication rounds", "step_rounds", "{:.0f}"),
+    ("private step: messages between parties (Send/Recv pairs)", "step_messages", "{:.0f}"),
     ("serving path around the step (latency - step)", "serving_path_ms", "{:.1f} ms"),
     ("bytes between workers / query", "bytes_between_workers_per_query", None),
     ("bytes owner/client <-> workers / query", "bytes_workers_parties_per_query", None),
@@ -386,6 +402,44 @@ def plot(results, png_path, previous=None):
     plt.close(fig)
 
 
+BASELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baseline.json")
+
+
+def baseline_table(results, path=BASELINE):
+    """The figures kept in the repo (bench/baseline.json: the previous release and this
+    release before issue 13) next to this run's, as Markdown; None without the file."""
+    import json
+
+    try:
+        with open(path) as f:
+            kept = json.load(f)["releases"]
+    except (OSError, ValueError, KeyError):
+        return None
+    b1 = find(results, "this", "aby3", 1, "python") or {}
+    b32 = find(results, "this", "aby3", 32, "python") or {}
+    now = {"step_ops": b1.get("step_ops"), "step_rounds": b1.get("step_rounds"),
+           "step_messages": b1.get("step_messages"), "median_ms_batch1": b1.get("median_ms"),
+           "step_ms_batch1": b1.get("step_median_ms"),
+           "images_per_s_batch32": b32.get("images_per_s"),
+           "bytes_between_workers_per_image": b1.get("bytes_between_workers_per_query")}
+    rows = [("private step: TensorFlow ops (batch 1)", "step_ops", "{:.0f}"),
+            ("private step: communication rounds", "step_rounds", "{:.0f}"),
+            ("private step: messages between parties", "step_messages", "{:.0f}"),
+            ("batch-1 median latency", "median_ms_batch1", "{:.1f} ms"),
+            ("batch-1 private step (median)", "step_ms_batch1", "{:.1f} ms"),
+            ("batch-32 images/s", "images_per_s_batch32", "{:.0f}"),
+            ("bytes between workers per image (batch 1)", "bytes_between_workers_per_image",
+             None)]
+    head = " | ".join("{} ({})".format(k["name"], k["commit"]) for k in kept)
+    lines = ["| | {} | this run |".format(head), "|---|" + "---|" * (len(kept) + 1)]
+    for what, key, spec in rows:
+        cells = [k.get(key) for k in kept] + [now[key]]
+        lines.append("| {} | {} |".format(what, " | ".join(
+            "-" if v is None else (_bytes(v) if spec is None else spec.format(v))
+            for v in cells)))
+    return "\n".join(lines)
+
+
 def write_report(results, out_dir, machine, extra=None):
     """Write ``report.md`` and ``latency.png`` into ``out_dir``; returns the report's text.
 
@@ -412,8 +466,12 @@ def write_report(results, out_dir, machine, extra=None):
         "## Machine\n\n" + "\n".join(mach),
         "## Side by side (ABY3, Python client)\n\n" + (prev_line + "\n\n" if prev_line else "")
         + side_by_side(results, previous),
-        "## Targets (issues 4 and 9)\n\n" + targets_table(results, links, previous),
+        "## Targets (issues 4, 9 and 13)\n\n" + targets_table(results, links, previous),
+        ("## Kept figures (bench/baseline.json) and this run\n\n" + baseline_table(results))
+        if baseline_table(results) else None,
         "## Links across hosts\n\n" + links_table(links),
+        ("## CKKS: encrypted predictions on one server (issue 12)\n\n" + extra["ckks_md"])
+        if extra.get("ckks_md") else None,
         "## Every configuration\n\n" + table(results),
         "![latency per query vs batch](latency.png)",
         "## Notes\n\n" + "\n".join("- " + n for n in notes) if notes else None,
@@ -478,6 +536,13 @@ METHOD = """\
   also sends 20 extra queries, each timed in R around `query(client, x)` and in Python
   around the core's `client.query()` that it calls; the median difference is the R layer's
   own cost (argument checks, R <-> NumPy conversions), free of network and load noise.
+- Ops, rounds and messages per step: counted on the traced step's TensorFlow graph (worker
+  0's `tf.function`; the previous release's owner's, where the owner process drove the step
+  and counts as a fourth party) by `privatekeras/mpc/graphstats.py`: ops are the graph's
+  operations over all parties; a message is a tensor (or control edge) that crosses from one
+  party's device to another's (one Send/Recv pair at run time, counted once per producing
+  tensor and receiving party); rounds are the longest chain of dependent crossings in the
+  dependency graph. `bench/graph.py MODEL` gives the same counts in one process, no cluster.
 - Accuracy: the private logits of every image queried are compared with plaintext Keras
   (`model.predict`) on the same images: max abs logit error and argmax agreement.
 - Plaintext: measured in the same run, in its own process before any cluster starts: median

@@ -83,6 +83,9 @@ def parse_args(argv=None):
                         "(default %(default)s)")
     p.add_argument("--no-previous", action="store_true",
                    help="do not measure the previous release")
+    p.add_argument("--only", choices=("all", "aby3", "ckks"), default="all",
+                   help="ckks: only the CKKS rows (one server, bench/ckks.py; a minute); "
+                        "aby3: everything but them; all (default): both")
     p.add_argument("--links", choices=("auto", "on", "off"), default="auto",
                    help="links across network namespaces (bench/netns.py, bench/links.py): "
                         "auto runs them when root with `ip netns` and stunnel4 (default)")
@@ -364,6 +367,12 @@ def run_config(a, release, protocol, batch, path, count, env, logs, previous=Non
         os.remove(steps_path)
     owner_args = [os.path.join(a.out, "tutorial_cnn.keras"), ",".join(hosts), protocol,
                   str(batch), str(n_queries + pairs)]
+    # Worker 0 (this release) or the old owner (previous release) appends the traced step's
+    # ops, rounds and messages here (privatekeras/mpc/graphstats.py).
+    graph_path = os.path.join(logs, tag + "-graph.jsonl")
+    if os.path.exists(graph_path):
+        os.remove(graph_path)
+    env = dict(env, PRIVATEKERAS_STEP_STATS=graph_path)
     if release == "previous":
         owner_cmd = [sys.executable, os.path.join(HERE, "prev_owner.py"), previous.bench_dir,
                      steps_path] + owner_args
@@ -452,7 +461,23 @@ def run_config(a, release, protocol, batch, path, count, env, logs, previous=Non
     })
     if pairs:
         result["r_layer_overhead_ms"] = 1e3 * float(np.median(got["paired"]))
+    result.update(graph_stats(graph_path))
     return result
+
+
+def graph_stats(path):
+    """The single-query step's graph counts (``step_ops``, ``step_rounds``, ...), or nothing
+    when the step was not counted."""
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    row = next((r for r in rows if r.get("group", 1) == 1), None)
+    if row is None:
+        return {}
+    return {"step_" + k: row[k] for k in ("ops", "rounds", "messages", "message_bytes",
+                                          "ops_per_party", "parties") if k in row}
 
 
 # -- links across hosts -----------------------------------------------------------------------
@@ -638,6 +663,32 @@ def plaintext(a, env, counts):
     return info, rows
 
 
+def ckks_rows(a, env, logs, notes):
+    """The CKKS rows (bench/ckks.py): ``(markdown, ok)``; a failure is a note, not the end."""
+    import ckks
+
+    try:
+        rows = ckks.run(a.out, env, logs, quick=a.quick)
+    except Exception as exc:  # noqa: BLE001 - reported, the rest of the report stands
+        notes.append("CKKS rows failed: {}".format(str(exc).splitlines()[0]))
+        log(notes[-1])
+        return None, False
+    return ckks.table(rows) + "\n\n" + ckks.targets_table(rows) + "\n\n" + ckks.METHOD, True
+
+
+def run_ckks_only(a, env, logs):
+    """``--only ckks``: the CKKS rows alone, printed and written to OUT/ckks.md."""
+    notes = []
+    md, ok = ckks_rows(a, env, logs, notes)
+    if not ok:
+        return 1
+    with open(os.path.join(a.out, "ckks.md"), "w") as f:
+        f.write("# privatekeras benchmark: CKKS rows\n\n" + md + "\n")
+    print(md)
+    print("bench: report {}".format(os.path.join(a.out, "ckks.md")))
+    return 0
+
+
 def main(argv=None):
     a = parse_args(argv)
     started, t0, load0 = datetime.datetime.now(), time.monotonic(), os.getloadavg()[0]
@@ -654,9 +705,12 @@ def main(argv=None):
                  "reason": "previous release not measured (--no-previous)" if a.no_previous
                  else None}
     links_info = {"netns": None, "links": None, "notes": []}
+    if a.only == "ckks":
+        return run_ckks_only(a, env, logs)
     for x in a.withdrawn:
         notes.append("{}: {}".format(report.PROTOCOL_NAMES.get(x, x), WITHDRAWN[x]))
         log(notes[-1])
+    ckks_md = None
     try:
         if "r" in a.paths:
             check_r(env)
@@ -720,6 +774,11 @@ def main(argv=None):
                 stages[name] = links_info[key]["seconds"]
         for note in links_info["notes"]:
             log(note)
+        if a.only == "all":
+            stage = time.monotonic()
+            ckks_md, ok = ckks_rows(a, env, logs, notes)
+            complete = complete and ok
+            stages["CKKS (one server)"] = time.monotonic() - stage
     except BenchError as exc:
         log("FAILED: {}".format(exc))
         return 1
@@ -740,7 +799,8 @@ def main(argv=None):
     report.write_report(results + plain_rows, a.out, machine, {
         "date": started.strftime("%Y-%m-%d %H:%M"), "duration": "{} min {} s".format(minutes, secs),
         "command": " ".join(["bench/run.py"] + [shlex.quote(x) for x in (argv or sys.argv[1:])]),
-        "previous": prev_info, "links": links_info, "notes": notes, "stages": stages})
+        "previous": prev_info, "links": links_info, "notes": notes, "stages": stages,
+        "ckks_md": ckks_md})
     everything = results + plain_rows
     print()
     print(report.side_by_side(everything, prev_info))
@@ -748,6 +808,9 @@ def main(argv=None):
     print(report.targets_table(everything, links_info, prev_info))
     print()
     print(report.links_table(links_info))
+    if ckks_md:
+        print()
+        print(ckks_md)
     for note in notes + ([prev_info["reason"]] if prev_info["reason"] else []):
         print("note: " + note)  # (the links' notes are in the table above)
     print()

@@ -2,7 +2,9 @@
 
 One library directory (see :func:`library_dir`) holds three libraries:
 
-- ``pk_ops.so`` (from ``pk_ops.cc``): the production kernels, loaded in every worker;
+- ``pk_ops.so`` (from ``pk_ops.cc``, ``pk_ring.cc`` and ``pk_fused.cc``): the production
+  kernels (CSPRNG, ABY3's bit ops, the ring GEMM and convolution, the fused carry circuit),
+  loaded in every worker;
 - ``pk_loopback.so`` (from ``pk_loopback.c``): the bind() interposer preloaded into processes
   that must listen on loopback only;
 - ``pk_test_ops.so`` (from ``pk_test_ops.cc``): test-only ops (the raw ChaCha20 keystream),
@@ -18,6 +20,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "pk_ops.cc")
+RING_SOURCE = os.path.join(HERE, "pk_ring.cc")  # compiled into the same library
+FUSED_SOURCE = os.path.join(HERE, "pk_fused.cc")  # likewise
 LOOPBACK_SOURCE = os.path.join(HERE, "pk_loopback.c")
 TEST_SOURCE = os.path.join(HERE, "pk_test_ops.cc")
 ENV_VAR = "PRIVATEKERAS_KERNELS"
@@ -25,7 +29,7 @@ ENV_VAR = "PRIVATEKERAS_KERNELS"
 
 def _source_digest():
     digest = hashlib.sha256()
-    for path in (SOURCE, LOOPBACK_SOURCE, TEST_SOURCE):
+    for path in (SOURCE, RING_SOURCE, FUSED_SOURCE, LOOPBACK_SOURCE, TEST_SOURCE):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:12]
@@ -112,7 +116,9 @@ def build(output=None, verbose=True):
          [compiler, "-x", "c", "-shared", "-fPIC", "-O2", "-pthread"], ["-ldl"]),
         ("the test-only ops", TEST_SOURCE, os.path.join(directory, "pk_test_ops.so"),
          [compiler, "-std=c++17", "-shared", "-fPIC", "-O2"], tf_flags + ["-lsodium"]),
-        ("the secure kernels", SOURCE, output,
+        # The ring kernels pick AVX-512 / AVX2 / portable code at run time (target attributes,
+        # __builtin_cpu_supports): no -march flag, so the library runs on any x86-64.
+        ("the secure kernels", [SOURCE, RING_SOURCE, FUSED_SOURCE], output,
          [compiler, "-std=c++17", "-shared", "-fPIC", "-O2"], tf_flags + ["-lsodium"]),
     ]
     if verbose:
@@ -121,10 +127,11 @@ def build(output=None, verbose=True):
     built = []
     try:
         for what, source, final, head, tail in jobs:
+            sources = source if isinstance(source, list) else [source]
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
             os.close(fd)
             built.append((tmp, final))
-            proc = subprocess.run(head + [source, "-o", tmp] + tail, capture_output=True,
+            proc = subprocess.run(head + sources + ["-o", tmp] + tail, capture_output=True,
                                   text=True)
             if proc.returncode != 0:
                 raise RuntimeError("compiling {} failed:\n{}".format(what, proc.stderr[-4000:]))

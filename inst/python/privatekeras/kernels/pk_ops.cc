@@ -40,6 +40,7 @@
 
 #include <sodium.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -102,6 +103,20 @@ class KeystreamReader {
     std::memcpy(&w, buffer_.data() + pos_, sizeof(W));  // little-endian words
     pos_ += sizeof(W);
     return w;
+  }
+
+  // The next n words, as n calls of Next<W>() would return them (the chunk size is a
+  // multiple of every word size, so a word never straddles two chunks).
+  template <typename W>
+  void Read(W* out, size_t n) {
+    while (n > 0) {
+      if (pos_ + sizeof(W) > buffer_.size()) Refill();
+      const size_t take = std::min(n, (buffer_.size() - pos_) / sizeof(W));
+      std::memcpy(out, buffer_.data() + pos_, take * sizeof(W));
+      pos_ += take * sizeof(W);
+      out += take;
+      n -= take;
+    }
   }
 
  private:
@@ -182,7 +197,11 @@ bool DeriveKey(const int32_t seed[kSeedWords], T minval, T maxval,
   return rc == 0;
 }
 
-// Fills out[0..n) with values uniform in [minval, maxval) drawn from the stream.
+// Fills out[0..n) with values uniform in [minval, maxval) drawn from the stream: word w is
+// rejected when w >= 2^bits - (2^bits mod range), else the value is minval + (w mod range).
+// Words are read in blocks (what a block holds past the last value is never used), and
+// w mod range is computed without a division when range is a power of two or w < range
+// (for ABY3's full-range int64 draws, range = 2^64 - 1: every accepted word).
 template <typename T>
 void FillUniform(KeystreamReader* stream, T minval, T maxval, T* out, int64_t n) {
   // Words of 32 bits for types up to 32 bits, 64 bits for int64.
@@ -195,13 +214,22 @@ void FillUniform(KeystreamReader* stream, T minval, T maxval, T* out, int64_t n)
   const W rem = static_cast<W>(static_cast<W>(0) - range) % range;
   const W accept_below = static_cast<W>(static_cast<W>(0) - rem);
   const bool accept_all = (rem == 0);
-  for (int64_t i = 0; i < n; ++i) {
-    W w;
-    do {
-      w = stream->template Next<W>();
-    } while (!accept_all && w >= accept_below);
-    out[i] = static_cast<T>(static_cast<U>(static_cast<U>(minval) + static_cast<U>(w % range)));
+  const bool pow2 = (range & (range - 1)) == 0;
+  const U base = static_cast<U>(minval);
+  constexpr size_t kBlock = 1024;
+  W words[kBlock];
+  int64_t i = 0;
+  while (i < n) {
+    const size_t want = static_cast<size_t>(std::min<int64_t>(kBlock, n - i));
+    stream->Read(words, want);
+    for (size_t j = 0; j < want; ++j) {
+      const W w = words[j];
+      if (!accept_all && w >= accept_below) continue;  // rejected: the block comes up short
+      const W v = pow2 ? static_cast<W>(w & (range - 1)) : (w < range ? w : w % range);
+      out[i++] = static_cast<T>(static_cast<U>(base + static_cast<U>(v)));
+    }
   }
+  sodium_memzero(words, sizeof(words));
 }
 
 Status ReadShape(OpKernelContext* ctx, const Tensor& shape_t, TensorShape* shape) {
@@ -296,10 +324,28 @@ class PkRandomUniformOp : public OpKernel {
 template <typename T>
 using UnsignedOf = typename std::make_unsigned<T>::type;
 
+// The even bits of x (bits 0, 2, 4, ...) packed into its low half, in order.
+template <typename U>
+U EvenBits(U x) {
+  constexpr int kBits = sizeof(U) * 8;
+  x = static_cast<U>(x & static_cast<U>(0x5555555555555555ULL));
+  x = static_cast<U>((x | (x >> 1)) & static_cast<U>(0x3333333333333333ULL));
+  x = static_cast<U>((x | (x >> 2)) & static_cast<U>(0x0F0F0F0F0F0F0F0FULL));
+  if (kBits > 8) x = static_cast<U>((x | (x >> 4)) & static_cast<U>(0x00FF00FF00FF00FFULL));
+  if (kBits > 16) x = static_cast<U>((x | (x >> 8)) & static_cast<U>(0x0000FFFF0000FFFFULL));
+  if (kBits > 32) x = static_cast<U>((x | (x >> 16)) & static_cast<U>(0x00000000FFFFFFFFULL));
+  return x;
+}
+
+// Bits start, start + stride, ... of x, packed into the low bits of the result.
 template <typename T>
 T GatherBits(T x, int start, int stride) {
   constexpr int kBits = sizeof(T) * 8;
   const UnsignedOf<T> ux = static_cast<UnsignedOf<T>>(x);
+  if (stride == 1) return static_cast<T>(static_cast<UnsignedOf<T>>(ux >> start));
+  if (stride == 2) {
+    return static_cast<T>(EvenBits<UnsignedOf<T>>(static_cast<UnsignedOf<T>>(ux >> start)));
+  }
   UnsignedOf<T> r = 0;
   int i = 0;
   for (int pos = start; pos < kBits; pos += stride, ++i) {

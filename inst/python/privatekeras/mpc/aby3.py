@@ -13,15 +13,22 @@ traced graph and every query would reuse the same masks.
 """
 
 import collections
+import json
+import os
 
 import numpy as np
 import tensorflow as tf
 
-from . import store
+from . import graphstats, store
+from .. import layers
+from ..layers import INPUT
 from .encoding import FIXED64
 from .tfe_compat import import_tfe
 
 PROTOCOL = "aby3"
+# When set (a file path), worker 0 appends one JSON line per traced step: its ops, rounds and
+# messages (privatekeras.mpc.graphstats). ``make bench`` sets it; nothing else reads it.
+STATS_ENV = "PRIVATEKERAS_STEP_STATS"
 
 
 class ABY3Engine:
@@ -39,9 +46,36 @@ class ABY3Engine:
         self.prot = tfe.protocol.ABY3("server0", "server1", "server2")
         tfe.set_protocol(self.prot)
         self.devices = list(devices)
+        self._check_encoding()
+
+    def _check_encoding(self):
         fp = self.prot.fixedpoint_config
         assert (fp.scaling_base, fp.precision_fractional, fp.precision_integral) == (
             2, self.encoding.frac_bits, self.encoding.int_bits), "fixed-point mismatch"
+
+    @classmethod
+    def in_process(cls, devices):
+        """The same engine with the three parties on three devices of this process (e.g.
+        logical CPUs): for tests and for counting a step's ops and rounds without a cluster.
+        Never used to serve."""
+        tfe = import_tfe()
+        from tf_encrypted.config import LocalConfig
+        from tf_encrypted.player import Player
+
+        class _Config(LocalConfig):
+            def add_player(self, name):
+                player = Player(name=name, index=len(self._players),
+                                device_name=devices[len(self._players)])
+                self._players.append(player)
+                return player
+
+        engine = cls.__new__(cls)
+        tfe.set_config(_Config(["server0", "server1", "server2"], debug_mode=True))
+        engine.prot = tfe.protocol.ABY3("server0", "server1", "server2")
+        tfe.set_protocol(engine.prot)
+        engine.devices = list(devices)
+        engine._check_encoding()
+        return engine
 
     # -- shares in and out ----------------------------------------------------------------
     def _private(self, per_worker):
@@ -52,19 +86,17 @@ class ABY3Engine:
         shares = [[factory.tensor(a), factory.tensor(b)] for a, b in per_worker]
         return ABY3PrivateTensor(self.prot, shares, True, ShareType.ARITHMETIC)
 
-    def _weights(self, model_id, layers):
+    def _weights(self, model_id, nodes):
+        """Each node's weights: private tensors read from each worker's own variables."""
         out, k = [], 0
-        for layer in layers:
+        for node in nodes:
             ws = []
-            for shape in layer["weight_shapes"]:
+            for shape in node["weight_shapes"]:
                 per_worker = []
-                for i, device in enumerate(self.devices):
+                for device in self.devices:
                     with tf.device(device):
-                        pair = [store.read_weight(model_id, k, j, shape)
-                                for j in range(store.SHARES)]
-                        if layer["kind"] == "conv2d" and len(ws) == 1:
-                            pair = [tf.reshape(p, [-1, 1, 1]) for p in pair]  # NCHW bias
-                        per_worker.append(pair)
+                        per_worker.append([store.read_weight(model_id, k, j, shape)
+                                           for j in range(store.SHARES)])
                 ws.append(self._private(per_worker))
                 k += 1
             out.append(ws)
@@ -78,14 +110,14 @@ class ABY3Engine:
         n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
         w_in, w_out = store.SHARES * n_in, store.SHARES * n_out
         batch = in_shape[0]
-        devices, layers = self.devices, spec["layers"]
+        devices, nodes = self.devices, spec["nodes"]
 
         @tf.function
         def step(keys):
             """Private evaluation of the queries ``keys``: shares in from each worker's
             input table, answer shares out to each worker's output table."""
             self.prot.reset()  # fresh pairwise PRF keys for this execution
-            weights = self._weights(model_id, layers)
+            weights = self._weights(model_id, nodes)
             per_worker = []
             for device in devices:
                 with tf.device(device):
@@ -93,50 +125,60 @@ class ABY3Engine:
                     rows = tf.reshape(rows, [group, store.SHARES, n_in])
                     per_worker.append([tf.reshape(rows[:, j], [group * batch] + in_shape[1:])
                                        for j in range(store.SHARES)])
-            y = forward(self.prot, layers, weights, self._private(per_worker))
+            y = forward(self.prot, nodes, weights, self._private(per_worker))
             for i, device in enumerate(devices):
                 with tf.device(device):
                     pair = [tf.reshape(y.unwrapped[i][j].value, [group, n_out])
                             for j in range(store.SHARES)]
                     store.insert(store.table(model_id, "out", w_out), keys,
                                  tf.reshape(tf.stack(pair, axis=1), [group, w_out]))
+            if os.environ.get(UNCHAIN_ENV, "1") != "0":
+                _unchain(tf.compat.v1.get_default_graph())
 
-        step.get_concrete_function(tf.TensorSpec([group], tf.string))
+        concrete = step.get_concrete_function(tf.TensorSpec([group], tf.string))
+        step.stats = lambda: graphstats.step_stats(concrete.graph, devices[0])
+        path = os.environ.get(STATS_ENV)
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(dict(step.stats(), group=group, batch=batch)) + "\n")
         return step
 
 
-def forward(prot, layers, weights, x):
-    """The private forward pass over the public layer list; ``x`` is a private NHWC (or 2-D)
-    tensor. Convolutions run in NCHW, as TF Encrypted does."""
-    batch = int(x.shape[0])
-    nchw = len(x.shape) == 4
-    if nchw:
-        x = prot.transpose(x, perm=[0, 3, 1, 2])
-    for layer, ws in zip(layers, weights):
-        kind, params = layer["kind"], layer.get("params", {})
-        if kind == "conv2d":
-            x = prot.conv2d(x, ws[0], tuple(params["strides"]), params["padding"]) + ws[1]
-        elif kind == "dense":
-            x = prot.matmul(x, ws[0]) + ws[1]
-        elif kind == "relu":
-            x = prot.relu(x)
-        elif kind == "avgpool":
-            x = prot.avgpool2d(x, tuple(params["pool_size"]), tuple(params["strides"]),
-                               params["padding"])
-        elif kind == "maxpool":
-            x = prot.maxpool2d(x, tuple(params["pool_size"]), tuple(params["strides"]),
-                               params["padding"])
-        elif kind in ("flatten", "reshape"):
-            if nchw:
-                x = prot.transpose(x, perm=[0, 2, 3, 1])
-                nchw = False
-            target = [-1] if kind == "flatten" else list(params["target_shape"])
-            x = prot.reshape(x, [batch] + target)
-            if len(x.shape) == 4:
-                x = prot.transpose(x, perm=[0, 3, 1, 2])
-                nchw = True
-        else:  # the owner's convert() only emits the kinds above
-            raise ValueError("unknown layer kind " + kind)
-    if nchw:
-        x = prot.transpose(x, perm=[0, 2, 3, 1])
-    return x
+# Stateful ops that touch no other op's state: a variable's or a table's handle (the reads,
+# writes and lookups through it are ordered by the handle), and fresh randomness (seeds,
+# unseeded draws). tf.function's automatic control dependencies would run every stateful op
+# without a resource input in program order, one after the other: across the three workers
+# that is a chain of cross-process control messages (~35 sequential hops in the tutorial
+# CNN's step: the key set-up, then 48 weight reads alternating between workers, then the
+# tables) before the first layer may start. Marked independent, each still runs exactly once
+# per execution of the step, before it returns.
+INDEPENDENT_OPS = frozenset({"VarHandleOp", "MutableHashTableOfTensorsV2", "PkSecureSeed",
+                             "PkRandomUniform"})
+UNCHAIN_ENV = "PRIVATEKERAS_UNCHAIN"  # "0": keep tf.function's chain (for comparisons)
+
+
+def _unchain(graph):
+    """Exempt the step's INDEPENDENT_OPS from the program-order chain (see above); returns
+    how many were exempted."""
+    acd = getattr(graph, "experimental_acd_manager", None)
+    if acd is None:  # not tracing a tf.function: nothing is chained
+        return 0
+    done = {id(op) for op in acd._independent_ops}
+    count = 0
+    for op in graph.get_operations():
+        if op.type in INDEPENDENT_OPS and id(op) not in done:
+            acd.run_independently(op)
+            count += 1
+    return count
+
+
+def forward(prot, nodes, weights, x):
+    """The private evaluation of the public node graph; ``x`` is the private input in Keras'
+    layout. Each node is evaluated by its registry entry, in the step's layout (NCHW for 4-D
+    tensors, see :mod:`privatekeras.layers`)."""
+    values = []
+    x = layers.private_layout(prot, x)
+    for node, ws in zip(nodes, weights):
+        ins = [x if i == INPUT else values[i] for i in node["inputs"]]
+        values.append(layers.by_kind(node["kind"]).forward(prot, node, ws, *ins))
+    return layers.keras_layout(prot, values[-1])

@@ -5,6 +5,16 @@ from ``while_v2`` and passes ``stateful_parallelism=`` to ``_build_while_op``; P
 uses the TF1-only ``tf.Dimension``. We add those names before importing TFE, then replace its
 ``secure_random`` and ``aux`` op modules (which it could not load) with our own kernels.
 
+Products of shares go through our ring kernels (``kernels/pk_ring.cc``): the int64 factory's
+``matmul``, ``conv2d`` and ``im2col`` (every share-by-public product; the pools' windows), and
+ABY3's private-by-private ``matmul`` and ``conv2d``, where party i computes its three share
+products x_i*y_i + x_i*y_{i+1} + x_{i+1}*y_i as one kernel call x_i*(y_i + y_{i+1}) +
+x_{i+1}*y_i (the same ring arithmetic, so the same bits; the zero-sharing masks and the
+re-sharing are TFE's, unchanged, drawn in the same order from the same PRFs). ABY3's carry
+circuit (the bit decomposition of ReLU) runs on fused kernels (``kernels/pk_fused.cc``, see
+``_use_fused_carry``). ``PRIVATEKERAS_RING_KERNELS=0`` / ``PRIVATEKERAS_FUSED_CARRY=0`` keep
+TFE's own code, for comparisons.
+
 Only worker 0, which builds the private step, imports TF Encrypted; every worker loads the
 kernels (the ops run on all three).
 """
@@ -13,6 +23,7 @@ import functools
 import logging
 import os
 import warnings
+
 
 def _quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -70,7 +81,204 @@ def import_tfe():
     aux_pkg.aux_module = tfe_aux.aux_module
     if not tfe_secure_random.supports_secure_randomness():  # pragma: no cover - invariant
         raise RuntimeError("secure randomness is not active; refusing to continue")
+    if os.environ.get(RING_ENV, "1") != "0":
+        _use_ring_kernels(module)
+    if os.environ.get(FUSED_ENV, "1") != "0":
+        import tf_encrypted.protocol.aby3.aby3 as aby3_mod
+
+        _use_fused_carry(module, aby3_mod)
     return tfe
+
+
+# PRIVATEKERAS_RING_KERNELS=0 keeps TF Encrypted's own int64 products (for comparisons: the
+# bits are the same, only the speed differs). PRIVATEKERAS_RING_ISA (avx512, avx2, generic)
+# forces one code path of the kernels (see pk_ring.cc).
+RING_ENV = "PRIVATEKERAS_RING_KERNELS"
+# TFE's own functions the ring kernels replace, by name (for the tests' comparisons).
+TFE_ORIGINALS = {}
+
+
+def _strides(strides):
+    if isinstance(strides, int):
+        return [strides, strides]
+    return [int(s) for s in strides]
+
+
+def _use_ring_kernels(module):
+    """Route TFE's int64 products through PkRingMatMul / PkRingConv2D (see the docstring)."""
+    import tensorflow as tf
+    import tf_encrypted.protocol.aby3.aby3 as aby3_mod
+    from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor
+    from tf_encrypted.tensor import int64factory
+
+    tensor_cls = type(int64factory.tensor(0, encode=False))  # a wrapper: no TF op is made
+    if getattr(tensor_cls, "_privatekeras_ring", False):
+        return
+    tfe_matmul, tfe_conv2d, tfe_im2col = tensor_cls.matmul, tensor_cls.conv2d, tensor_cls.im2col
+
+    def is_int64(*values):
+        return all(isinstance(v, tensor_cls) and v.value.dtype == tf.int64 for v in values)
+
+    def matmul(self, other):
+        if is_int64(self, other) and len(self.shape) == 2 and len(other.shape) == 2:
+            return tensor_cls(module.pk_ring_mat_mul([self.value], [other.value]))
+        return tfe_matmul(self, other)
+
+    def conv2d(self, other, strides, padding="SAME"):
+        # TFE's generic conv2d: x in NCHW, the filter [kh, kw, C, O], the output NCHW.
+        if is_int64(self, other):
+            return tensor_cls(module.pk_ring_conv2d(
+                [self.value], [other.value], strides=_strides(strides), padding=padding,
+                data_format="NCHW"))
+        return tfe_conv2d(self, other, strides, padding)
+
+    def im2col(self, h_filter, w_filter, strides, padding):
+        # TFE's layout (x NCHW): rows (c, dy, dx), columns (oy, ox, n).
+        if is_int64(self) and len(self.shape) == 4:
+            return tensor_cls(module.pk_ring_im2_col(
+                self.value, window=[int(h_filter), int(w_filter)], strides=_strides(strides),
+                padding=padding))
+        return tfe_im2col(self, h_filter, w_filter, strides, padding)
+
+    def mine(fn):
+        fn._privatekeras_ring = True
+        return fn
+
+    @mine
+    def matmul_private_private(prot, x, y):
+        if not (x.backing_dtype is int64factory and len(x.shape) == 2 and len(y.shape) == 2):
+            return tfe_matmul_pp(prot, x, y)
+        xs, ys = x.unwrapped, y.unwrapped
+        with tf.name_scope("matmul"):
+            a = prot._gen_zero_sharing(tf.TensorShape((*x.shape[:-1], y.shape[-1])))
+            z = [None] * 3
+            for i in range(3):
+                with tf.device(prot.servers[i].device_name):
+                    z[i] = tensor_cls(module.pk_ring_mat_mul(
+                        [xs[i][0].value, xs[i][1].value],
+                        [ys[i][0].value + ys[i][1].value, ys[i][0].value])) + a[i]
+            return _reshare(prot, x, y, z)
+
+    @mine
+    def conv2d_private_private(prot, x, w, strides, padding):
+        if x.backing_dtype is not int64factory:
+            return tfe_conv2d_pp(prot, x, w, strides, padding)
+        xs, ws = x.unwrapped, w.unwrapped
+        with tf.name_scope("conv2d"):
+            y = [None] * 3
+            for i in range(3):
+                with tf.device(prot.servers[i].device_name):
+                    y[i] = tensor_cls(module.pk_ring_conv2d(
+                        [xs[i][0].value, xs[i][1].value],
+                        [ws[i][0].value + ws[i][1].value, ws[i][0].value],
+                        strides=_strides(strides), padding=padding, data_format="NCHW"))
+            a = prot._gen_zero_sharing(y[0].shape)
+            z = [None] * 3
+            for i in range(3):
+                with tf.device(prot.servers[i].device_name):
+                    z[i] = y[i] + a[i]
+            return _reshare(prot, x, w, z)
+
+    def _reshare(prot, x, y, z):
+        """TFE's re-sharing of a product (party i sends its z_i to party i - 1), then its
+        truncation when both factors carry a scale."""
+        shares = [[None, None], [None, None], [None, None]]
+        for i in range(3):
+            with tf.device(prot.servers[i].device_name):
+                shares[i][0] = z[i]
+        for i in range(3):
+            with tf.device(prot.servers[i].device_name):
+                shares[i][1] = z[(i + 1) % 3].identity()
+        out = ABY3PrivateTensor(prot, shares, x.is_scaled or y.is_scaled, x.share_type)
+        return prot.truncate(out) if x.is_scaled and y.is_scaled else out
+
+    tfe_matmul_pp = aby3_mod._matmul_private_private
+    tfe_conv2d_pp = aby3_mod._conv2d_private_private
+    TFE_ORIGINALS.update({"matmul": tfe_matmul, "conv2d": tfe_conv2d, "im2col": tfe_im2col,
+                          "matmul_private_private": tfe_matmul_pp,
+                          "conv2d_private_private": tfe_conv2d_pp})
+    tensor_cls.matmul, tensor_cls.conv2d, tensor_cls.im2col = matmul, conv2d, im2col
+    aby3_mod._matmul_private_private = matmul_private_private
+    aby3_mod._conv2d_private_private = conv2d_private_private
+    tensor_cls._privatekeras_ring = True
+
+
+# PRIVATEKERAS_FUSED_CARRY=0 keeps TF Encrypted's own carry circuit (for comparisons).
+FUSED_ENV = "PRIVATEKERAS_FUSED_CARRY"
+CARRY_LEVELS = 6  # 64 -> 32 -> ... -> 1 bits
+
+
+def _use_fused_carry(module, aby3_mod):
+    """ABY3's carry circuit (the bit decomposition behind ReLU and MSB) with one fused kernel
+    per party per level (kernels/pk_fused.cc): the same ANDs, masked by the same kind of
+    zero-sharing from the pairwise PRFs, with both ANDs of a level packed into one message.
+    Other carries (public operands, other widths) stay TF Encrypted's."""
+    import tensorflow as tf
+    from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor, ShareType
+    from tf_encrypted.tensor import int8factory, int64factory
+
+    tfe_carry = aby3_mod._carry_computation
+    if getattr(tfe_carry, "_privatekeras_fused", False):
+        return
+    width_dtype = {64: tf.int64, 32: tf.int32, 16: tf.int16}
+
+    def carry(prot, x, y, pos=None):
+        if not (isinstance(x, ABY3PrivateTensor) and isinstance(y, ABY3PrivateTensor)
+                and x.backing_dtype is int64factory and y.backing_dtype is int64factory
+                and x.shape.is_fully_defined() and x.shape == y.shape):
+            return tfe_carry(prot, x, y, pos)
+        pos = 63 if pos is None else pos
+        if not 32 <= pos <= 63:  # carries of 33 to 64 bits: one 64-bit tree
+            return tfe_carry(prot, x, y, pos)
+        shift = 63 - pos  # bit pos moves to bit 63, as TF Encrypted shifts it
+        n = int(x.shape.num_elements())
+        xs, ys = x.unwrapped, y.unwrapped
+        with tf.name_scope("carry"):
+            # Each party's two pairwise-PRF streams, as ABY3's zero-sharing draws them
+            # (party i: its keys with parties i-1 and i+1, under this call's nonces), one
+            # range per AND round, of as many bits per element as the round's width.
+            keys, nonces = prot.pairwise_keys(), prot.pairwise_nonces()
+            widths = [64] + [64 >> j for j in range(CARRY_LEVELS)]  # begin, then the levels
+            starts = [0]
+            for bits in widths:
+                starts.append(starts[-1] + -(-n * bits // 64))
+            words = [starts[-1]]
+            f = []
+            for i in range(3):
+                with tf.device(prot.servers[i].device_name):
+                    f.append([int64factory.sample_seeded_uniform(
+                        words, seed=keys[i][0] + nonces[(i + 2) % 3]).value,
+                        int64factory.sample_seeded_uniform(
+                            words, seed=keys[i][1] + nonces[i]).value])
+            prot._update_pairwise_nonces()
+            z, keep = [None] * 3, [None] * 3
+            for i in range(3):
+                with tf.device(prot.servers[i].device_name):
+                    z[i], keep[i] = module.pk_carry_begin(
+                        xs[i][0].value, xs[i][1].value, ys[i][0].value, ys[i][1].value,
+                        f[i][0], f[i][1], shift=shift, offset=0)
+            k, level, first = 64, 1, True
+            while k > 1:
+                out_dtype = width_dtype.get(k, tf.int8)
+                new = [None] * 3
+                for i in range(3):  # party i reads the z of party i + 1: one message
+                    with tf.device(prot.servers[i].device_name):
+                        new[i] = module.pk_carry_level(
+                            z[i], z[(i + 1) % 3], keep[i], f[i][0], f[i][1], k=k,
+                            first=first, offset=starts[level], Tout=out_dtype)
+                z, keep = [t[0] for t in new], [t[1] for t in new]
+                k, level, first = k // 2, level + 1, False
+            shares = [[None, None], [None, None], [None, None]]
+            for i in range(3):
+                with tf.device(prot.servers[i].device_name):
+                    own, nxt = module.pk_carry_finish(z[i], z[(i + 1) % 3], keep[i])
+                    shares[i] = [int8factory.tensor(own, encode=False),
+                                 int8factory.tensor(nxt, encode=False)]
+            return ABY3PrivateTensor(prot, shares, False, ShareType.BOOLEAN)
+
+    carry._privatekeras_fused = True
+    TFE_ORIGINALS["carry_computation"] = tfe_carry
+    aby3_mod._carry_computation = carry
 
 
 def secure_randomness_active():

@@ -1,0 +1,73 @@
+"""Ops, rounds and messages of the private step, counted in one process (no cluster).
+
+Traces worker 0's private step for a saved Keras model with the three parties on three logical
+CPUs of this process (``ABY3Engine.in_process``), counts its graph
+(``privatekeras.mpc.graphstats``) and, with ``--run N``, runs it N times on shares of zero
+inputs and reports the median wall and CPU time (CPU-only figures: no network, one
+process). Prints one JSON line per batch size. ``make bench`` reads the same counts from
+worker 0 itself; this is the quick way to see what a change to the engine buys.
+
+    python bench/graph.py MODEL [--batches 1,32] [--run 5]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "inst", "python"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--run", type=int, default=0, help="also time N executions")
+    a = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 3)
+    from privatekeras.convert import convert
+    from privatekeras.mpc import store
+    from privatekeras.mpc.aby3 import ABY3Engine
+    from privatekeras.owner import public_spec
+
+    devices = ["/job:localhost/replica:0/task:0/device:CPU:{}".format(i) for i in range(3)]
+    spec = convert(a.model)
+    for batch in [int(b) for b in a.batches.split(",")]:
+        public = public_spec(spec, "aby3", batch, 1)
+        engine = ABY3Engine.in_process(devices)
+        t0 = time.monotonic()
+        step = engine.build_step(public, 1)
+        out = dict(step.stats(), batch=batch, trace_s=round(time.monotonic() - t0, 2))
+        if a.run:
+            for device in devices:  # zero weights: the counts and the timing do not care
+                with tf.device(device):
+                    for k, w in enumerate(spec.weights):
+                        for j in range(store.SHARES):
+                            tf.raw_ops.AssignVariableOp(
+                                resource=store.weight(public["model_id"], k, j, w.shape),
+                                value=tf.zeros(w.shape, tf.int64))
+            keys = tf.constant([store.PAD_ID])
+            step(keys)
+            times, cpu = [], []
+            for _ in range(a.run):
+                t, c = time.perf_counter(), time.process_time()
+                step(keys)
+                times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+            out["run_median_ms"] = round(1e3 * float(np.median(times)), 2)
+            # CPU time of all threads of the process per step: less sensitive to other load
+            out["cpu_median_ms"] = round(1e3 * float(np.median(cpu)), 2)
+        print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

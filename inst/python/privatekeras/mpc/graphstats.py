@@ -1,0 +1,84 @@
+"""What one traced private step costs, read from its TensorFlow graph: ops and rounds.
+
+The step is one ``tf.function`` whose ops are placed on the three workers' devices; when it
+runs, TensorFlow partitions the graph per device and puts a Send/Recv pair on every edge that
+crosses from one device to another. So, from the graph alone:
+
+- **ops**: the graph's operations (what worker 0 traced, all three workers together), and
+  how many each party runs;
+- **messages**: the tensors (and control edges) that cross between parties, counted once per
+  (producing tensor, receiving party): one Send/Recv pair each at run time;
+- **rounds**: the longest chain of dependent crossings: the depth of the dependency DAG when
+  an edge costs 1 if it crosses between parties and 0 otherwise. A protocol round whose
+  messages all go out together counts once; rounds that wait on each other add up;
+- **bytes**: the payload of the messages (static shapes x dtype size).
+
+Ops without a device are placed at run time on the calling process' device: worker 0's.
+Nothing here runs the graph; it works on any graph (the tests use three logical CPUs of one
+process as the three parties).
+"""
+
+import collections
+
+
+def _party_key(device, default):
+    import tensorflow as tf
+
+    spec = tf.DeviceSpec.from_string(device or default or "")
+    return (spec.job or "", spec.replica or 0, spec.task or 0,
+            (spec.device_type or "CPU").upper(), spec.device_index or 0)
+
+
+def step_stats(graph, default_device=None):
+    """Ops, messages, rounds and bytes of one traced step (``graph``: a ``tf.Graph``, e.g.
+    ``concrete_function.graph``); ``default_device`` is where unplaced ops run (worker 0's
+    device). Returns a dict of plain ints (and ``ops_by_type``, the ten commonest)."""
+    ops = graph.get_operations()
+    keys = {}
+    parties = {}
+    for op in ops:
+        key = _party_key(op.device, default_device)
+        keys[op.name] = parties.setdefault(key, len(parties))
+    depth = {}
+    messages = set()
+    payload = 0
+    for op in ops:  # creation order is a topological order (inputs exist before consumers)
+        here = keys[op.name]
+        d = 0
+        for t in op.inputs:
+            src = t.op
+            there = keys[src.name]
+            cross = there != here
+            if cross and (t.name, here) not in messages:
+                messages.add((t.name, here))
+                payload += _nbytes(t)
+            d = max(d, depth.get(src.name, 0) + cross)
+        for src in op.control_inputs:
+            there = keys[src.name]
+            cross = there != here
+            if cross:
+                messages.add((src.name + "^", here))
+            d = max(d, depth.get(src.name, 0) + cross)
+        depth[op.name] = d
+    per_party = collections.Counter(keys[op.name] for op in ops)
+    return {
+        "ops": len(ops),
+        "ops_per_party": [per_party[i] for i in range(len(parties))],
+        "parties": len(parties),
+        "rounds": max(depth.values(), default=0),
+        "messages": len(messages),
+        "message_bytes": int(payload),
+        "ops_by_type": dict(collections.Counter(op.type for op in ops).most_common(10)),
+    }
+
+
+def _nbytes(t):
+    try:
+        n = 1
+        for d in t.shape.as_list():
+            if d is None:
+                return 0
+            n *= d
+        return n * t.dtype.size
+    except (ValueError, TypeError):  # unknown rank, or a resource / variant / string
+        return 0
