@@ -64,6 +64,15 @@ def child_env():
     return env
 
 
+def run_checks(code, timeout):
+    """Run ``code`` in a fresh Python (privatekeras on its path); it prints ``ALL`` when every
+    one of its checks held, ``MISMATCH`` otherwise. Fails the test on anything but ``ALL``."""
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ALL" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
 # Not the `random` module: tests seed it (keras.utils.set_random_seed), and every test run
 # on this machine would then pick the same ports at the same moment.
 _PORTS = random.SystemRandom()

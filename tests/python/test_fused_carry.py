@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import child_env
+from conftest import child_env, run_checks
 
 PROTOCOL = textwrap.dedent('''
 import numpy as np
@@ -75,10 +75,7 @@ print("ALL" if all(ok) else "MISMATCH")
 
 
 def test_fused_carry_matches_tf_encrypted_and_integers():
-    out = subprocess.run([sys.executable, "-c", PROTOCOL], env=child_env(), capture_output=True,
-                         text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ALL" in out.stdout, out.stdout + out.stderr[-2000:]
+    run_checks(PROTOCOL, timeout=900)
 
 
 @pytest.fixture(scope="module")

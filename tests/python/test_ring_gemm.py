@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import child_env
+from conftest import child_env, run_checks
 
 ISAS = ("generic", "avx2", "avx512")
 MATMUL_SHAPES = [(1, 1, 1), (1, 576, 10), (3, 5, 7), (6, 16, 16), (7, 300, 17), (13, 1, 257),
@@ -227,10 +227,7 @@ PROTOCOL = textwrap.dedent("""
 
 
 def test_private_products_match_tf_encrypted():
-    out = subprocess.run([sys.executable, "-c", PROTOCOL], env=child_env(), capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ALL" in out.stdout, out.stdout + out.stderr[-2000:]
+    run_checks(PROTOCOL, timeout=600)
 
 
 def test_ring_kernels_can_be_turned_off():

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import layers as registry
 from .errors import OutOfRangeError, UnsupportedLayerError
-from .layers.activations import CLIENT_SIDE
+from .layers.activations import CLIENT_SIDE, activation as _activation
 from .mpc.encoding import FIXED64
 
 INPUT = registry.INPUT
@@ -144,9 +144,7 @@ class _Layer:
 
     def activation(self, value, x):
         """Add activation ``value`` (name or function) applied to node ``x``."""
-        from .layers.activations import activation
-
-        return activation(self, value, x)
+        return _activation(self, value, x)
 
     def unsupported(self, why=None):
         """The error refusing this layer, saying why."""

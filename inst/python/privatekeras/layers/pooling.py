@@ -82,10 +82,11 @@ class AveragePooling(_Pool):
     keras = ("AveragePooling2D",)
 
     def convert(self, ctx, layer, cfg):
-        if _pool_params(ctx, cfg, self.rank)["padding"] != "VALID":
+        params = _pool_params(ctx, cfg, self.rank)
+        if params["padding"] != "VALID":
             raise ctx.unsupported("padding='same' that pads is not supported for average "
                                   "pooling (the private pool would average the padding)")
-        return super().convert(ctx, layer, cfg)
+        return ctx.add(self.kind, params=params)
 
     def bounds(self, node, ws, x):
         p = node["params"]
