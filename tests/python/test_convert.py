@@ -52,13 +52,17 @@ def test_tutorial_cnn_converts_exactly():
 
     model = tutorial_cnn(keras, batch_size=1)
     spec = convert(model)
-    # each average pool's 1/4 moved into the next convolution / the Dense: sum pools
+    # each average pool's 1/4 moved into the next convolution / the Dense, and the sum pool
+    # that is left folded into the convolution before it (its bias times 4)
     assert [n.kind for n in spec.nodes] == [
-        "conv2d", "sumpool", "relu", "conv2d", "sumpool", "relu", "conv2d", "sumpool", "relu",
-        "reshape", "dense"]
+        "conv2d", "relu", "conv2d", "relu", "conv2d", "relu", "reshape", "dense"]
     np.testing.assert_allclose(spec.nodes[-1].weights[0] * 4, model.layers[-1].get_weights()[0],
                                rtol=1e-6)
-    assert [n.inputs for n in spec.nodes] == [[-1]] + [[i] for i in range(10)]
+    np.testing.assert_allclose(spec.nodes[0].weights[1], 4 * model.layers[0].get_weights()[1],
+                               rtol=1e-6)
+    assert all(spec.nodes[i].params["sum_pool"] == {"pool_size": [2, 2], "strides": [2, 2]}
+               for i in (0, 2, 4))
+    assert [n.inputs for n in spec.nodes] == [[-1]] + [[i] for i in range(7)]
     assert spec.input_shape == (28, 28, 1) and spec.output_shape == (10,)
     assert spec.batch_size == 1 and spec.output_activation is None
     _check(model, np.random.default_rng(0).uniform(0, 1, (2, 28, 28, 1)))

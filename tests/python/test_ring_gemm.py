@@ -169,7 +169,7 @@ PROTOCOL = textwrap.dedent("""
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 3)
     from privatekeras.mpc.aby3 import ABY3Engine
-    from privatekeras.mpc.tfe_compat import TFE_ORIGINALS
+    from privatekeras.mpc.tfe_compat import TFE_ORIGINALS, conv2d_sum_pool
 
     devices = ["/job:localhost/replica:0/task:0/device:CPU:%d" % i for i in range(3)]
     engine = ABY3Engine.in_process(devices)  # imports TF Encrypted, patched
@@ -208,7 +208,8 @@ PROTOCOL = textwrap.dedent("""
         out = [aby3_mod._conv2d_private_private(prot, X, W, (1, 2), "SAME"),
                TFE_ORIGINALS["conv2d_private_private"](prot, X, W, (1, 2), "SAME"),
                aby3_mod._matmul_private_private(prot, A, B),
-               TFE_ORIGINALS["matmul_private_private"](prot, A, B)]
+               TFE_ORIGINALS["matmul_private_private"](prot, A, B),
+               conv2d_sum_pool(prot, X, W, (1, 2), "SAME", (2, 2), (2, 2))]
         return [[t.unwrapped[i][0].value for i in range(3)] for t in out]
 
     with np.errstate(over="ignore"):
@@ -219,8 +220,11 @@ PROTOCOL = textwrap.dedent("""
         win = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(1, 2))[:, ::1, ::2]
         conv = np.transpose(np.einsum("nhwcij,ijco->nhwo", win, w), (0, 3, 1, 2))
         mm = a @ b
+        # the conv (9 x 4 per channel) pooled 2x2 by each party before re-sharing: 4 x 2
+        pooled = sum(conv[:, :, dy:8:2, dx:4:2] for dy in (0, 1) for dx in (0, 1))
     checks = [np.array_equal(res[0], res[1]), np.array_equal(res[0], conv),
-              np.array_equal(res[2], mm), np.array_equal(res[3], mm)]
+              np.array_equal(res[2], mm), np.array_equal(res[3], mm),
+              res[4].shape == (2, 5, 4, 2) and np.array_equal(res[4], pooled)]
     print("CHECKS", checks)
     print("ALL" if all(checks) else "MISMATCH")
 """)

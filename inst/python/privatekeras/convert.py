@@ -333,6 +333,31 @@ def _defer_averages(nodes, output):
     return nodes
 
 
+def _pool_into_convolutions(nodes, output):
+    """Fold a 2-D sum pool into the convolution that is its input and has no other reader:
+    the pool is linear and exact in the ring, so each worker sums the windows of its
+    unreduced product shares and the re-sharing and truncation that follow a product run on
+    the pooled values (a 2x2 pool: a quarter as many). The bias is added once per window
+    element, so it is multiplied by the window size."""
+    users = _consumers(nodes)
+    for p, node in enumerate(nodes):
+        src = node.inputs[0] if node.inputs else INPUT
+        if node.kind != "sumpool" or node.params["padding"] != "VALID" or src == INPUT:
+            continue
+        conv = nodes[src]
+        if conv.kind != "conv2d" or users[src] != [p] or "sum_pool" in conv.params:
+            continue
+        kernel, bias = conv.weights
+        conv.weights = [kernel, bias * float(np.prod(node.params["pool_size"]))]
+        conv.params = dict(conv.params, sum_pool={k: list(node.params[k])
+                                                  for k in ("pool_size", "strides")})
+        conv.name, conv.shape = conv.name + "+" + node.name, node.shape
+        _redirect(nodes, p, src)
+        output = src if output == p else output
+        node.inputs = []  # dropped by _keep
+    return _keep(nodes, output)
+
+
 def convert(model_or_path) -> ModelSpec:
     """Convert a Keras model (or model file) into a :class:`ModelSpec`.
 
@@ -352,6 +377,8 @@ def convert(model_or_path) -> ModelSpec:
     nodes, output = _fold_affine(nodes, output)
     assert output == len(nodes) - 1
     nodes = _defer_averages(nodes, output)
+    nodes, output = _pool_into_convolutions(nodes, output)
+    assert output == len(nodes) - 1
     batch_size = input_shape[0]
     if batch_size is None:  # batch_input_shape= given through KerasHook
         batch_size = next((getattr(layer, "_privatekeras_batch_size") for layer in model.layers

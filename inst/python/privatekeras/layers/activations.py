@@ -8,6 +8,7 @@ splits them off the graph, so the workers never evaluate them.
 import numpy as np
 
 from . import Kind, interval, register
+from ..mpc.tfe_compat import relu
 
 # Activation names (an ``activation=`` argument or an Activation layer) and their node kind;
 # None is the identity.
@@ -80,7 +81,7 @@ class ReLU(Kind):
         return interval(np.maximum(lo, 0), np.maximum(hi, 0))
 
     def forward(self, prot, node, ws, x):
-        return prot.relu(x)
+        return relu(prot, x)
 
 
 @register
@@ -109,7 +110,7 @@ class LeakyReLU(Kind):
         return interval(f(lo), f(hi))
 
     def forward(self, prot, node, ws, x):
-        r = prot.relu(x)
+        r = relu(prot, x)
         return r + (x - r) * float(node["params"]["alpha"])
 
 

@@ -5,6 +5,8 @@ import numpy as np
 
 from . import (Kind, interval, keras_layout, pair, private_layout, register, same_padding,
                single)
+from ..mpc.tfe_compat import add_bias, conv2d_sum_pool
+from .pooling import sum_windows
 
 
 def _kernel_and_bias(ctx, cfg):
@@ -53,7 +55,7 @@ class Dense(Kind):
     def forward(self, prot, node, ws, x):
         batch, shape = int(x.shape[0]), list(node["shape"])
         if len(x.shape) == 2:
-            return prot.matmul(x, ws[0]) + ws[1]
+            return add_bias(prot, prot.matmul(x, ws[0]), ws[1])
         x = prot.reshape(keras_layout(prot, x), [-1, int(ws[0].shape[0])])
         y = prot.matmul(x, ws[0]) + ws[1]
         return private_layout(prot, prot.reshape(y, [batch] + shape))
@@ -82,16 +84,29 @@ class Conv2D(Kind):
     def convert(self, ctx, layer, cfg):
         return _conv_node(self, ctx, cfg, 2)
 
+    # params["sum_pool"] (pool_size, strides): a VALID sum pool folded into the convolution
+    # by the converter (its bias already times the window size); see conv2d_sum_pool.
+
     def bounds(self, node, ws, x):
         lo, hi = x
         p = node["params"]
-        return _linear_bounds(
-            lambda v, k: conv2d_numpy(v, k, p["strides"], p["padding"]), ws, lo, hi)
+        pool = p.get("sum_pool")
+
+        def apply(v, kernel):
+            y = conv2d_numpy(v, kernel, p["strides"], p["padding"])
+            return sum_windows(y, pool["pool_size"], pool["strides"]) if pool else y
+
+        return _linear_bounds(apply, ws, lo, hi)
 
     def forward(self, prot, node, ws, x):
         p = node["params"]
-        y = prot.conv2d(x, ws[0], tuple(p["strides"]), p["padding"])
-        return y + prot.reshape(ws[1], [-1, 1, 1])  # NCHW
+        pool = p.get("sum_pool")
+        if pool:
+            y = conv2d_sum_pool(prot, x, ws[0], tuple(p["strides"]), p["padding"],
+                                pool["pool_size"], pool["strides"])
+        else:
+            y = prot.conv2d(x, ws[0], tuple(p["strides"]), p["padding"])
+        return add_bias(prot, y, prot.reshape(ws[1], [-1, 1, 1]))  # NCHW
 
 
 @register

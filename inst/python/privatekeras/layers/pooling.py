@@ -57,6 +57,11 @@ def _back(node, y):
     return y[0] if node["kind"].endswith("1d") else y
 
 
+def sum_windows(v, pool, strides):
+    """The sum of each VALID window of one (H, W, C) array: (H', W', C)."""
+    return _windows(v, pool, strides, "VALID", 0).sum(axis=(-2, -1))
+
+
 class _Pool(Kind):
     """A pool over 2-D images, or over steps (``rank = 1``) as images of height 1."""
 
@@ -117,8 +122,7 @@ class SumPooling(_Pool):
     def bounds(self, node, ws, x):
         p = node["params"]
         lo, hi = _as_image(node, *x)
-        total = [_windows(v, p["pool_size"], p["strides"], "VALID", 0).sum(axis=(-2, -1))
-                 for v in (lo, hi)]
+        total = [sum_windows(v, p["pool_size"], p["strides"]) for v in (lo, hi)]
         return interval(_back(node, total[0]), _back(node, total[1]))
 
     def pool2d(self, prot, x, pool_size, strides, padding):

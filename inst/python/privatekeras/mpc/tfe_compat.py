@@ -160,7 +160,9 @@ def _use_ring_kernels(module):
             return _reshare(prot, x, y, z)
 
     @mine
-    def conv2d_private_private(prot, x, w, strides, padding):
+    def conv2d_private_private(prot, x, w, strides, padding, local=None):
+        """``local``: a linear map each party applies to its unreduced product share before
+        the masking (see :func:`conv2d_sum_pool`); TFE's own calls never pass it."""
         if x.backing_dtype is not int64factory:
             return tfe_conv2d_pp(prot, x, w, strides, padding)
         xs, ws = x.unwrapped, w.unwrapped
@@ -172,6 +174,8 @@ def _use_ring_kernels(module):
                         [xs[i][0].value, xs[i][1].value],
                         [ws[i][0].value + ws[i][1].value, ws[i][0].value],
                         strides=_strides(strides), padding=padding, data_format="NCHW"))
+                    if local is not None:
+                        y[i] = local(y[i])
             a = prot._gen_zero_sharing(y[0].shape)
             z = [None] * 3
             for i in range(3):
@@ -190,7 +194,11 @@ def _use_ring_kernels(module):
             with tf.device(prot.servers[i].device_name):
                 shares[i][1] = z[(i + 1) % 3].identity()
         out = ABY3PrivateTensor(prot, shares, x.is_scaled or y.is_scaled, x.share_type)
-        return prot.truncate(out) if x.is_scaled and y.is_scaled else out
+        if not (x.is_scaled and y.is_scaled):
+            return out
+        truncated = prot.truncate(out)
+        setattr(truncated, EXACT, out)  # see relu()
+        return truncated
 
     tfe_matmul_pp = aby3_mod._matmul_private_private
     tfe_conv2d_pp = aby3_mod._conv2d_private_private
@@ -201,6 +209,82 @@ def _use_ring_kernels(module):
     aby3_mod._matmul_private_private = matmul_private_private
     aby3_mod._conv2d_private_private = conv2d_private_private
     tensor_cls._privatekeras_ring = True
+
+
+# A product's value before its truncation, at double scale (2f fractional bits), re-shared
+# one round after the product and two rounds before the truncated value: kept on the
+# truncated tensor under this attribute by the ring kernels' products, carried through a
+# bias by add_bias(), and read by relu().
+EXACT = "_privatekeras_exact"
+
+
+def _lift(prot, x, bits):
+    """Private ``x`` times 2^bits: each share shifted left (exact in the ring)."""
+    import tensorflow as tf
+
+    shares = [[None, None], [None, None], [None, None]]
+    for i, pair in enumerate(x.unwrapped):
+        with tf.device(prot.servers[i].device_name):
+            shares[i] = [s.factory.tensor(tf.bitwise.left_shift(s.value, tf.constant(
+                bits, s.value.dtype))) for s in pair]
+    return type(x)(prot, shares, x.is_scaled, x.share_type)
+
+
+def add_bias(prot, y, bias):
+    """``y + bias`` for a product ``y`` and a private bias broadcast over it; when ``y``
+    carries its exact value, the sum does too (exact + bias * 2^f)."""
+    out = y + bias
+    exact = getattr(y, EXACT, None)
+    if exact is not None:
+        frac = prot.fixedpoint_config.precision_fractional
+        setattr(out, EXACT, exact + _lift(prot, bias, frac))
+    return out
+
+
+def relu(prot, x):
+    """ABY3's ReLU, ``select(x > 0, 0, x)``, with the comparison made on ``x``'s exact value
+    when it carries one (a product's, see EXACT). That value has the same sign and needs no
+    truncation, so the comparison's bit decomposition (seven rounds) starts as soon as the
+    product is re-shared and runs alongside the truncation (two rounds) instead of after it.
+    The heuristic truncation already requires |x| * 2^2f < 2^62, so its sign bit is right."""
+    exact = getattr(x, EXACT, None)
+    if exact is None:
+        return prot.relu(x)
+    import tensorflow as tf
+
+    with tf.name_scope("relu"):
+        return prot.select(exact > 0, 0, x)
+
+
+def sum_pool_nchw(t, pool_size, strides):
+    """The sum of each VALID window of an NCHW tensor ``t`` (a TFE backing tensor, one share)
+    of ``pool_size`` at ``strides``: local ring arithmetic, exact mod 2^64."""
+    batch, channels, height, width = (int(d) for d in t.shape)
+    cols = t.reshape([batch * channels, 1, height, width]).im2col(
+        pool_size[0], pool_size[1], list(strides), "VALID")  # rows (dy, dx), cols (oy, ox, n)
+    rows = (height - pool_size[0]) // strides[0] + 1
+    columns = (width - pool_size[1]) // strides[1] + 1
+    y = cols.reduce_sum(axis=0).reshape([rows, columns, batch, channels])
+    return y.transpose([2, 3, 0, 1])
+
+
+def conv2d_sum_pool(prot, x, w, strides, padding, pool_size, pool_strides):
+    """``sum_pool(conv2d(x, w))`` of private ``x`` (NCHW) and ``w``, the pool VALID. Each
+    party pools its unreduced (3-out-of-3) product share before ABY3 masks, re-shares and
+    truncates it: the pool is linear, so the result is the same ring value, and the
+    re-sharing and truncation run on the pooled values only (a 2x2 pool: a quarter as many
+    elements, messages and PRF words). Without the ring kernels (``PRIVATEKERAS_RING_KERNELS=0``)
+    the pool follows the convolution's truncation, as two layers would."""
+    import tf_encrypted.protocol.aby3.aby3 as aby3_mod
+
+    pool = functools.partial(sum_pool_nchw, pool_size=list(pool_size),
+                             strides=list(pool_strides))
+    conv = aby3_mod._conv2d_private_private
+    if getattr(conv, "_privatekeras_ring", False):
+        return conv(prot, x, w, strides, padding, local=pool)
+    y = prot.conv2d(x, w, strides, padding)
+    shares = [[pool(share) for share in pair] for pair in y.unwrapped]
+    return type(y)(prot, shares, y.is_scaled, y.share_type)
 
 
 # PRIVATEKERAS_FUSED_CARRY=0 keeps TF Encrypted's own carry circuit (for comparisons).
