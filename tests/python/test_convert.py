@@ -275,3 +275,17 @@ def test_bad_input_ranges(bad):
 
     with rejects(ValueError, match="input_range"):
         check_input_range(bad)
+
+
+def test_answer_scale_in_the_public_spec():
+    """A model ending in a Dense or convolution is answered untruncated (2f fractional bits,
+    decoded by the client); any other last layer at the encoding's f bits."""
+    import keras
+    from privatekeras import convert
+    from privatekeras.owner import public_spec
+
+    dense = public_spec(convert(tutorial_cnn(keras, batch_size=1)), "aby3", 1, 1)
+    assert dense["output_frac_bits"] == 32 and dense["fixed_point"]["frac_digits"] == 16
+    inp = keras.Input((6,))
+    relu_last = keras.Model(inp, keras.layers.Dense(3, activation="relu")(inp))
+    assert public_spec(convert(relu_last), "aby3", 1, 1)["output_frac_bits"] == 16

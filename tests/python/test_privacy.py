@@ -51,6 +51,9 @@ from privacy_net import (PREFACE, Haystack, Lines, Names, RecordingProxy,  # noq
                          worker_cmd)
 
 SCALE = 2.0 ** 16  # the fixed point: round(x * 2^16) as int64 (mod 2^64)
+# The tutorial CNN ends in a Dense, whose product the workers leave untruncated: the answer
+# has twice the fractional bits (the public spec's output_frac_bits).
+ANSWER_SCALE = SCALE ** 2
 QUERIES = 3
 SAME_FROM = 1  # queries 1 and 2 carry byte-identical shares
 WORKERS = ("w0", "w1", "w2")
@@ -359,7 +362,7 @@ def test_the_recorded_queries_are_real(run):
             assert len(answers(r, i)) == QUERIES and len(submits(r, i)) == QUERIES
         logits = r.queries[q]["logits"]
         y = reconstruct(output_shares(r, q))
-        np.testing.assert_allclose(logits, (y / SCALE).astype(np.float32), atol=1e-6)
+        np.testing.assert_allclose(logits, (y / ANSWER_SCALE).astype(np.float32), atol=1e-6)
         assert logits.argmax(1).tolist() == r.plain_logits.argmax(1).tolist()
         assert np.abs(logits - r.plain_logits).max() < LOGIT_ATOL
         np.testing.assert_array_equal(r.sharings[q]["encoded"],
@@ -550,7 +553,8 @@ def test_each_worker_receives_exactly_its_two_shares_of_every_weight(run):
         spec = json.loads(head.spec_json)
         assert set(spec) == {"model_id", "name", "protocol", "batch_size", "input_shape",
                              "output_shape", "output_activation", "input_range", "fixed_point",
-                             "max_group", "nodes"}
+                             "output_frac_bits", "max_group", "nodes"}
+        assert spec["output_frac_bits"] == 32  # the last Dense is answered untruncated
         assert all(set(node) == {"kind", "name", "inputs", "params", "shape", "weight_shapes"}
                    for node in spec["nodes"])
         assert len(body) == len(r.weights) and not any(c.spec_json for c in body)
@@ -575,10 +579,11 @@ def test_workers_never_send_each_other_an_input_or_weight_share(run):
     share w_j appears on any compute link at all.
 
     Positive control on this very traffic: the search finds what ABY3 does send. The answer
-    is the last truncation's output t plus the bias, y_j = t_j + b_j; worker 2, which holds
-    (y_2, y_0), is sent t_2 by worker 1 (t_2 is PRF output under the key workers 1 and 2
-    share; TF Encrypted 0.9.1 reads worker 1's copy rather than computing its own), so every
-    window of y_2 - b_2 is found on the link from worker 1 to worker 2, in every query."""
+    is the last Dense's re-shared product, untruncated, plus the bias at double scale:
+    y_j = z_j + b_j * 2^16. Worker 2, which holds (y_2, y_0), is sent z_0 by worker 0 (the
+    re-sharing: each worker sends its masked product share to the one before it), so every
+    window of y_0 - b_0 * 2^16 is found on the link from worker 0 to worker 2, in every
+    query."""
     r = run
     compute = [h for k, c in enumerate(r.conns) if c.link == "compute"
                for d in ("to_worker", "from_worker") for h in r.hay[(k, d)]]
@@ -587,11 +592,13 @@ def test_workers_never_send_each_other_an_input_or_weight_share(run):
     assert not found(compute, inputs)
     assert not found(compute, weights)
 
-    bias = r.weights[-1]["shares"][2]
+    bias = r.weights[-1]["shares"][0]
+    with np.errstate(over="ignore"):
+        lifted = bias * np.int64(2 ** 16)
     for q in range(QUERIES):
-        t = windows(wrapping_sum(output_shares(r, q)[2], -bias))
-        assert len(t) == 3
-        assert found(sent_between(r, 1, 2), t) == set(t), q
+        z = windows(wrapping_sum(output_shares(r, q)[0], -lifted))
+        assert len(z) == 3
+        assert found(sent_between(r, 0, 2), z) == set(z), q
 
 
 def test_no_clear_value_is_on_any_link_or_in_any_message(run):
@@ -608,7 +615,7 @@ def test_no_clear_value_is_on_any_link_or_in_any_message(run):
         "input float64": windows(r.image.astype(np.float64)),
         "answer fixed-point": windows(y_enc),
         "answer float32": windows(r.queries[0]["logits"].astype(np.float32)),
-        "answer float64": windows(y_enc / SCALE),
+        "answer float64": windows(y_enc / ANSWER_SCALE),
     }
     clear = []
     for w, kw, mw in zip(r.weights, r.keras_weights, r.model_weights):
@@ -664,7 +671,9 @@ def test_shares_look_uniform_and_the_clear_encoding_does_not(run):
             assert np.any(np.abs(f - 0.5) > 0.1)
 
     def top_bytes_extreme(a):
-        top = np.frombuffer(np.ascontiguousarray(a).tobytes(), np.uint8).reshape(-1, 8)[:, 4:]
+        # the clear answer, logits times 2^32 (an untruncated product), stays below 2^40:
+        # its top three bytes are 0x00 or 0xFF
+        top = np.frombuffer(np.ascontiguousarray(a).tobytes(), np.uint8).reshape(-1, 8)[:, 5:]
         return float(np.isin(top, [0, 255]).mean())
 
     y = output_shares(r, 0)
@@ -746,5 +755,6 @@ def test_identical_queries_get_fresh_masks_and_fresh_answer_shares(run):
         "identical queries: {} / {} random-looking chunks of the worker-to-worker payloads "
         "repeat, answer-share elements equal: {}".format(len(repeated[0]), len(repeated[1]),
                                                           same))
-    np.testing.assert_allclose(reconstruct(ya) / SCALE, reconstruct(yb) / SCALE, atol=1e-3)
+    np.testing.assert_allclose(reconstruct(ya) / ANSWER_SCALE, reconstruct(yb) / ANSWER_SCALE,
+                               atol=1e-3)
 

@@ -312,7 +312,7 @@ class Client(Connection):
             raise
         out_shape = tuple(spec["output_shape"])
         per_worker = [tuple(wire.array(t, out_shape) for t in reply.shares) for reply in answers]
-        return reconstruct_values(per_worker)
+        return reconstruct_values(per_worker, frac_bits=spec.get("output_frac_bits"))
 
     async def _exchange(self, query_id, submits, secrets):
         """Submit to each worker its shares and fetch its answer shares; each Fetch goes

@@ -10,7 +10,7 @@ the computation and never sees a client's shares.
 import os
 import threading
 
-from . import wire
+from . import layers, wire
 from .convert import check_input_range, check_range, convert
 from .errors import PrivateKerasError
 from .log import say
@@ -51,6 +51,10 @@ def public_spec(spec, protocol, batch_size, max_group, input_range=None):
         "output_activation": spec.output_activation,
         "input_range": None if input_range is None else list(input_range),
         "fixed_point": FIXED64.describe(),
+        # the answer's fractional bits: twice the encoding's when the workers leave the last
+        # product untruncated (privatekeras.layers.exact_output)
+        "output_frac_bits": FIXED64.frac_bits * (
+            2 if layers.exact_output([n.kind for n in spec.nodes]) else 1),
         "max_group": max_group,
         "nodes": [node.public() for node in spec.nodes],
     }

@@ -71,7 +71,7 @@ class Model:
     def client_spec(self):
         """What clients are told: shapes, protocol, encoding; not the architecture."""
         keep = ("model_id", "name", "protocol", "batch_size", "input_shape", "output_shape",
-                "output_activation", "input_range", "fixed_point")
+                "output_activation", "input_range", "fixed_point", "output_frac_bits")
         return {k: self.spec[k] for k in keep if k in self.spec}
 
 

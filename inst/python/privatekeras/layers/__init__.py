@@ -74,6 +74,13 @@ def register(cls):
     return cls
 
 
+def exact_output(kinds_in_order):
+    """True when the last node (kinds in evaluation order) is a product the workers leave
+    untruncated: a linear layer's output is re-shared and returned at double scale, and
+    the client, who reconstructs it, divides by 2^2f itself (exact, and two rounds fewer)."""
+    return bool(kinds_in_order) and by_kind(kinds_in_order[-1]).linear
+
+
 def by_kind(kind):
     """The entry evaluating node kind ``kind`` (KeyError if unknown)."""
     return _BY_KIND[kind]

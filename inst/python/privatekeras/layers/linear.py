@@ -57,7 +57,7 @@ class Dense(Kind):
         if len(x.shape) == 2:
             return add_bias(prot, prot.matmul(x, ws[0]), ws[1])
         x = prot.reshape(keras_layout(prot, x), [-1, int(ws[0].shape[0])])
-        y = prot.matmul(x, ws[0]) + ws[1]
+        y = add_bias(prot, prot.matmul(x, ws[0]), ws[1])
         return private_layout(prot, prot.reshape(y, [batch] + shape))
 
 
@@ -150,6 +150,7 @@ class Conv1D(Kind):
             x = prot.pad(x, [[0, 0], [0, 0], [0, 0], [left, 0]])
         kernel = prot.reshape(ws[0], [1] + [int(d) for d in ws[0].shape])
         y = prot.conv2d(x, kernel, (1, p["strides"]), padding)  # (batch, out, 1, steps')
+        y = add_bias(prot, y, prot.reshape(ws[1], [-1, 1, 1]))
         out_steps, out_channels = (int(d) for d in node["shape"])
         y = prot.reshape(y, [batch, out_channels, out_steps])
-        return prot.transpose(y, perm=[0, 2, 1]) + ws[1]
+        return prot.transpose(y, perm=[0, 2, 1])

@@ -13,6 +13,7 @@ traced graph and every query would reuse the same masks.
 """
 
 import collections
+import contextlib
 import json
 import os
 
@@ -23,7 +24,7 @@ from . import graphstats, store
 from .. import layers
 from ..layers import INPUT
 from .encoding import FIXED64
-from .tfe_compat import import_tfe
+from .tfe_compat import import_tfe, untruncated_products
 
 PROTOCOL = "aby3"
 # When set (a file path), worker 0 appends one JSON line per traced step: its ops, rounds and
@@ -111,6 +112,12 @@ class ABY3Engine:
         w_in, w_out = store.SHARES * n_in, store.SHARES * n_out
         batch = in_shape[0]
         devices, nodes = self.devices, spec["nodes"]
+        exact = layers.exact_output([n["kind"] for n in nodes])
+        want = self.encoding.frac_bits * (2 if exact else 1)
+        if spec.get("output_frac_bits", self.encoding.frac_bits) != want:
+            raise ValueError("the model's spec says its answer has {} fractional bits; this "
+                             "worker computes {}: owner and workers run different "
+                             "privatekeras versions".format(spec.get("output_frac_bits"), want))
 
         @tf.function
         def step(keys):
@@ -125,7 +132,7 @@ class ABY3Engine:
                     rows = tf.reshape(rows, [group, store.SHARES, n_in])
                     per_worker.append([tf.reshape(rows[:, j], [group * batch] + in_shape[1:])
                                        for j in range(store.SHARES)])
-            y = forward(self.prot, nodes, weights, self._private(per_worker))
+            y = forward(self.prot, nodes, weights, self._private(per_worker), exact)
             for i, device in enumerate(devices):
                 with tf.device(device):
                     pair = [tf.reshape(y.unwrapped[i][j].value, [group, n_out])
@@ -172,13 +179,17 @@ def _unchain(graph):
     return count
 
 
-def forward(prot, nodes, weights, x):
+def forward(prot, nodes, weights, x, exact_output=False):
     """The private evaluation of the public node graph; ``x`` is the private input in Keras'
     layout. Each node is evaluated by its registry entry, in the step's layout (NCHW for 4-D
-    tensors, see :mod:`privatekeras.layers`)."""
+    tensors, see :mod:`privatekeras.layers`). ``exact_output``: the last node (a linear one,
+    :func:`privatekeras.layers.exact_output`) returns its product untruncated, at double
+    scale."""
     values = []
     x = layers.private_layout(prot, x)
-    for node, ws in zip(nodes, weights):
+    for k, (node, ws) in enumerate(zip(nodes, weights)):
         ins = [x if i == INPUT else values[i] for i in node["inputs"]]
-        values.append(layers.by_kind(node["kind"]).forward(prot, node, ws, *ins))
+        last = exact_output and k == len(nodes) - 1
+        with untruncated_products() if last else contextlib.nullcontext():
+            values.append(layers.by_kind(node["kind"]).forward(prot, node, ws, *ins))
     return layers.keras_layout(prot, values[-1])

@@ -73,9 +73,11 @@ class FixedPoint:
                                                        self.int_bits, big))
         return np.round(x * self.scale).astype(np.int64)
 
-    def decode(self, z):
-        """Real values of encoded ring elements (two's complement)."""
-        return np.asarray(z, dtype=np.int64).astype(np.float64) / self.scale
+    def decode(self, z, frac_bits=None):
+        """Real values of encoded ring elements (two's complement); ``frac_bits``: their
+        fractional bits when not ``self.frac_bits`` (an untruncated product has twice as many)."""
+        scale = self.scale if frac_bits is None else float(2 ** int(frac_bits))
+        return np.asarray(z, dtype=np.int64).astype(np.float64) / scale
 
 
 FIXED64 = FixedPoint(16, 11)
@@ -111,6 +113,6 @@ def share_values(x, encoding=FIXED64, what="input"):
     return share(encoding.encode(x, what=what))
 
 
-def reconstruct_values(per_worker, encoding=FIXED64):
-    """Reconstruct and decode (see :func:`reconstruct`)."""
-    return encoding.decode(reconstruct(per_worker))
+def reconstruct_values(per_worker, encoding=FIXED64, frac_bits=None):
+    """Reconstruct and decode (see :func:`reconstruct` and :meth:`FixedPoint.decode`)."""
+    return encoding.decode(reconstruct(per_worker), frac_bits)

@@ -19,9 +19,11 @@ Only worker 0, which builds the private step, imports TF Encrypted; every worker
 kernels (the ops run on all three).
 """
 
+import contextlib
 import functools
 import logging
 import os
+import threading
 import warnings
 
 
@@ -196,6 +198,9 @@ def _use_ring_kernels(module):
         out = ABY3PrivateTensor(prot, shares, x.is_scaled or y.is_scaled, x.share_type)
         if not (x.is_scaled and y.is_scaled):
             return out
+        if _UNTRUNCATED.active:
+            setattr(out, DOUBLE, True)
+            return out
         truncated = prot.truncate(out)
         setattr(truncated, EXACT, out)  # see relu()
         return truncated
@@ -209,6 +214,32 @@ def _use_ring_kernels(module):
     aby3_mod._matmul_private_private = matmul_private_private
     aby3_mod._conv2d_private_private = conv2d_private_private
     tensor_cls._privatekeras_ring = True
+
+
+class _Flag(threading.local):
+    active = False
+
+
+_UNTRUNCATED = _Flag()
+DOUBLE = "_privatekeras_double"  # set on a product left at double scale
+
+
+@contextlib.contextmanager
+def untruncated_products():
+    """While active (in the tracing thread), ring-kernel products of two scaled tensors are
+    re-shared but not truncated: at double scale (2f fractional bits), marked DOUBLE, and a
+    bias added with :func:`add_bias` is lifted to match. For the model's last layer, whose
+    answer the client decodes itself (privatekeras.layers.exact_output)."""
+    import tf_encrypted.protocol.aby3.aby3 as aby3_mod
+
+    if not getattr(aby3_mod._matmul_private_private, "_privatekeras_ring", False):
+        raise RuntimeError("an untruncated last layer needs the ring kernels (unset {}=0 "
+                           "on worker 0)".format(RING_ENV))
+    _UNTRUNCATED.active = True
+    try:
+        yield
+    finally:
+        _UNTRUNCATED.active = False
 
 
 # A product's value before its truncation, at double scale (2f fractional bits), re-shared
@@ -231,12 +262,15 @@ def _lift(prot, x, bits):
 
 
 def add_bias(prot, y, bias):
-    """``y + bias`` for a product ``y`` and a private bias broadcast over it; when ``y``
-    carries its exact value, the sum does too (exact + bias * 2^f)."""
+    """``y + bias`` for a product ``y`` and a private bias broadcast over it. A product at
+    double scale (DOUBLE) gets ``bias * 2^f``; one that carries its exact value (EXACT)
+    gets a sum that carries ``exact + bias * 2^f`` too."""
+    frac = prot.fixedpoint_config.precision_fractional
+    if getattr(y, DOUBLE, False):
+        return y + _lift(prot, bias, frac)
     out = y + bias
     exact = getattr(y, EXACT, None)
     if exact is not None:
-        frac = prot.fixedpoint_config.precision_fractional
         setattr(out, EXACT, exact + _lift(prot, bias, frac))
     return out
 
