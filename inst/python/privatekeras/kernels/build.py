@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 
+from ..log import say
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "pk_ops.cc")
 RING_SOURCE = os.path.join(HERE, "pk_ring.cc")  # compiled into the same library
@@ -122,8 +124,7 @@ def build(output=None, verbose=True):
          [compiler, "-std=c++17", "-shared", "-fPIC", "-O2"], tf_flags + ["-lsodium"]),
     ]
     if verbose:
-        print("privatekeras: compiling secure kernels for TensorFlow {} ...".format(tf.__version__),
-              flush=True)
+        say("compiling secure kernels for TensorFlow %s ...", tf.__version__)
     built = []
     try:
         for what, source, final, head, tail in jobs:
@@ -145,7 +146,7 @@ def build(output=None, verbose=True):
             if os.path.exists(tmp):
                 os.unlink(tmp)
     if verbose:
-        print("privatekeras: secure kernels written to {}".format(output), flush=True)
+        say("secure kernels written to %s", output)
     return output
 
 
