@@ -316,9 +316,18 @@ def conv2d_sum_pool(prot, x, w, strides, padding, pool_size, pool_strides):
     conv = aby3_mod._conv2d_private_private
     if getattr(conv, "_privatekeras_ring", False):
         return conv(prot, x, w, strides, padding, local=pool)
-    y = prot.conv2d(x, w, strides, padding)
-    shares = [[pool(share) for share in pair] for pair in y.unwrapped]
-    return type(y)(prot, shares, y.is_scaled, y.share_type)
+    return sum_pool_private(prot, prot.conv2d(x, w, strides, padding), pool_size, pool_strides)
+
+
+def sum_pool_private(prot, x, pool_size, strides):
+    """:func:`sum_pool_nchw` of every share of private ``x`` (each worker on its own)."""
+    import tensorflow as tf
+
+    shares = [[None, None], [None, None], [None, None]]
+    for i, pair in enumerate(x.unwrapped):
+        with tf.device(prot.servers[i].device_name):
+            shares[i] = [sum_pool_nchw(s, pool_size, strides) for s in pair]
+    return type(x)(prot, shares, x.is_scaled, x.share_type)
 
 
 # PRIVATEKERAS_FUSED_CARRY=0 keeps TF Encrypted's own carry circuit (for comparisons).
