@@ -2,8 +2,9 @@
 
 One library directory (see :func:`library_dir`) holds three libraries:
 
-- ``pk_ops.so`` (from ``pk_ops.cc``, ``pk_ring.cc`` and ``pk_fused.cc``): the production
-  kernels (CSPRNG, ABY3's bit ops, the ring GEMM and convolution, the fused carry circuit),
+- ``pk_ops.so`` (from ``pk_ops.cc``, ``pk_ring.cc``, ``pk_fused.cc`` and ``pk_trunc.cc``):
+  the production kernels (CSPRNG, ABY3's bit ops, the ring GEMM and convolution, the fused
+  carry circuit, ReLU's selection and the truncation),
   loaded in every worker;
 - ``pk_loopback.so`` (from ``pk_loopback.c``): the bind() interposer preloaded into processes
   that must listen on loopback only;
@@ -24,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "pk_ops.cc")
 RING_SOURCE = os.path.join(HERE, "pk_ring.cc")  # compiled into the same library
 FUSED_SOURCE = os.path.join(HERE, "pk_fused.cc")  # likewise
+TRUNC_SOURCE = os.path.join(HERE, "pk_trunc.cc")  # likewise
 LOOPBACK_SOURCE = os.path.join(HERE, "pk_loopback.c")
 TEST_SOURCE = os.path.join(HERE, "pk_test_ops.cc")
 ENV_VAR = "PRIVATEKERAS_KERNELS"
@@ -31,7 +33,8 @@ ENV_VAR = "PRIVATEKERAS_KERNELS"
 
 def _source_digest():
     digest = hashlib.sha256()
-    for path in (SOURCE, RING_SOURCE, FUSED_SOURCE, LOOPBACK_SOURCE, TEST_SOURCE):
+    for path in (SOURCE, RING_SOURCE, FUSED_SOURCE, TRUNC_SOURCE, LOOPBACK_SOURCE,
+                 TEST_SOURCE):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:12]
@@ -120,7 +123,7 @@ def build(output=None, verbose=True):
          [compiler, "-std=c++17", "-shared", "-fPIC", "-O2"], tf_flags + ["-lsodium"]),
         # The ring kernels pick AVX-512 / AVX2 / portable code at run time (target attributes,
         # __builtin_cpu_supports): no -march flag, so the library runs on any x86-64.
-        ("the secure kernels", [SOURCE, RING_SOURCE, FUSED_SOURCE], output,
+        ("the secure kernels", [SOURCE, RING_SOURCE, FUSED_SOURCE, TRUNC_SOURCE], output,
          [compiler, "-std=c++17", "-shared", "-fPIC", "-O2"], tf_flags + ["-lsodium"]),
     ]
     if verbose:

@@ -26,9 +26,18 @@
 // narrow level draws only the bits it needs. The three parties' masks xor to zero, so the
 // ANDs reconstruct exactly as TF Encrypted's do.
 //
+// ReLU, whole (PkMsbShare, PkMsbBegin, the levels above, PkReluSend, PkReluFinish): the
+// comparison is the msb of -x (1 when x > 0) by ABY3's bit extraction, its selection x * b
+// ABY3's bit injection by three-party OT, each round one op per party and one message per
+// party pair. See privatekeras/mpc/tfe_compat.py (_fused_relu) for the schedule and the
+// words each round reads from the pairwise-PRF streams.
+//
 // Built into pk_ops.so by privatekeras.kernels.build().
 
+#include <immintrin.h>
+
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -65,6 +74,18 @@ inline u64 Even(u64 x) {
 }
 
 inline u64 Mask(int bits) { return bits >= 64 ? ~0ULL : ((1ULL << bits) - 1); }
+
+// The carry levels compact bits with Even() (portable shifts and masks) or, where the CPU
+// has BMI2, with one PEXT (EvenPext, below; chosen at run time; both give the same bits;
+// PRIVATEKERAS_RING_ISA=generic forces the portable one, as it does for the ring kernels).
+bool HasBmi2() {
+  static const bool has = [] {
+    const char* isa = std::getenv("PRIVATEKERAS_RING_ISA");
+    return !(isa != nullptr && std::strcmp(isa, "generic") == 0) &&
+           __builtin_cpu_supports("bmi2");
+  }();
+  return has;
+}
 
 // ABY3's AND of two replicated boolean sharings, this party's part: (a_own, a_next) and
 // (b_own, b_next) -> a_own&b_own ^ a_own&b_next ^ a_next&b_own (before the mask).
@@ -157,6 +178,67 @@ class PkCarryBeginOp : public OpKernel {
   int64_t offset_;
 };
 
+// One carry level over elements [lo, hi): what PkCarryLevel computes (see its Compute).
+template <typename TI, typename TO>
+struct LevelArgs {
+  const TI* zo;
+  const TI* zn;
+  const u64* kin;
+  const int64_t* m0;
+  const int64_t* m1;
+  TO* out;
+  u64* kout;
+  int64_t n;
+  int k;
+  bool first;
+};
+
+// One carry level over elements [lo, hi) (what PkCarryLevel computes, see its Compute), with
+// EVEN the bit compaction: written once, expanded in portable code and in code for BMI2.
+#define PK_CARRY_LEVEL_SPAN(EVEN)                                                       \
+  const int64_t n = a.n;                                                               \
+  const int k = a.k, h = a.k / 2;                                                      \
+  const u64 mk = Mask(k), mh = Mask(h);                                                \
+  for (int64_t e = lo; e < hi; ++e) {                                                  \
+    u64 g0, g1, p0, p1;                                                                \
+    const u64 x = Load(a.zo, e), y = Load(a.zn, e);                                    \
+    if (a.first) { /* z: the first AND (G); keep: P */                                 \
+      g0 = x;                                                                          \
+      g1 = y;                                                                          \
+      p0 = a.kin[e];                                                                   \
+      p1 = a.kin[n + e];                                                               \
+    } else { /* z: [G-AND | P-AND] of width k each; keep: the odd bits of G */         \
+      g0 = a.kin[e] ^ (x & mk);                                                        \
+      g1 = a.kin[n + e] ^ (y & mk);                                                    \
+      p0 = (x >> k) & mk;                                                              \
+      p1 = (y >> k) & mk;                                                              \
+    }                                                                                  \
+    const u64 ge0 = EVEN(g0), ge1 = EVEN(g1), go0 = EVEN(g0 >> 1), go1 = EVEN(g1 >> 1); \
+    const u64 pe0 = EVEN(p0), pe1 = EVEN(p1), po0 = EVEN(p0 >> 1), po1 = EVEN(p1 >> 1); \
+    const u64 and_g = AndShare(ge0, ge1, po0, po1) & mh; /* Gs0 & Ps1 */               \
+    const u64 and_p = AndShare(pe0, pe1, po0, po1) & mh; /* Ps0 & Ps1 */               \
+    const u64 mask = MaskBits(a.m0, a.m1, e, k);                                       \
+    a.out[e] = static_cast<TO>((and_g | (and_p << h)) ^ mask);                         \
+    a.kout[e] = go0 & mh;                                                              \
+    a.kout[n + e] = go1 & mh;                                                          \
+  }
+
+template <typename TI, typename TO>
+void LevelSpanPortable(const LevelArgs<TI, TO>& a, int64_t lo, int64_t hi) {
+  PK_CARRY_LEVEL_SPAN(Even)
+}
+
+#pragma GCC push_options
+#pragma GCC target("bmi2")
+inline u64 EvenPext(u64 x) { return _pext_u64(x, 0x5555555555555555ULL); }
+
+template <typename TI, typename TO>
+void LevelSpanBmi2(const LevelArgs<TI, TO>& a, int64_t lo, int64_t hi) {
+  PK_CARRY_LEVEL_SPAN(EvenPext)
+}
+#pragma GCC pop_options
+#undef PK_CARRY_LEVEL_SPAN
+
 class PkCarryLevelOp : public OpKernel {
  public:
   explicit PkCarryLevelOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -212,39 +294,23 @@ class PkCarryLevelOp : public OpKernel {
   template <typename TI, typename TO>
   void Run(OpKernelContext* ctx, const Tensor& zo_t, const Tensor& zn_t, const Tensor& keep_t,
            const Tensor& f0, const Tensor& f1, Tensor* z_t, Tensor* kout_t, int64_t n) {
-    const TI* zo = zo_t.flat<TI>().data();
-    const TI* zn = zn_t.flat<TI>().data();
-    const u64* kin = reinterpret_cast<const u64*>(keep_t.flat<int64_t>().data());
-    const int64_t* m0 = f0.flat<int64_t>().data() + offset_;
-    const int64_t* m1 = f1.flat<int64_t>().data() + offset_;
-    TO* out = z_t->flat<TO>().data();
-    u64* kout = reinterpret_cast<u64*>(kout_t->flat<int64_t>().data());
-    const int k = k_, h = k_ / 2;
-    const bool first = first_;
-    const u64 mk = Mask(k), mh = Mask(h);
+    LevelArgs<TI, TO> a;
+    a.zo = zo_t.flat<TI>().data();
+    a.zn = zn_t.flat<TI>().data();
+    a.kin = reinterpret_cast<const u64*>(keep_t.flat<int64_t>().data());
+    a.m0 = f0.flat<int64_t>().data() + offset_;
+    a.m1 = f1.flat<int64_t>().data() + offset_;
+    a.out = z_t->flat<TO>().data();
+    a.kout = reinterpret_cast<u64*>(kout_t->flat<int64_t>().data());
+    a.n = n;
+    a.k = k_;
+    a.first = first_;
+    const bool bmi2 = HasBmi2();
     ForRange(ctx, n, 40, [&](int64_t lo, int64_t hi) {
-      for (int64_t e = lo; e < hi; ++e) {
-        u64 g0, g1, p0, p1;
-        const u64 a = Load(zo, e), b = Load(zn, e);
-        if (first) {  // z: the first AND (G); keep: P
-          g0 = a;
-          g1 = b;
-          p0 = kin[e];
-          p1 = kin[n + e];
-        } else {      // z: [G-AND | P-AND] of width k each; keep: the odd bits of G
-          g0 = kin[e] ^ (a & mk);
-          g1 = kin[n + e] ^ (b & mk);
-          p0 = (a >> k) & mk;
-          p1 = (b >> k) & mk;
-        }
-        const u64 ge0 = Even(g0), ge1 = Even(g1), go0 = Even(g0 >> 1), go1 = Even(g1 >> 1);
-        const u64 pe0 = Even(p0), pe1 = Even(p1), po0 = Even(p0 >> 1), po1 = Even(p1 >> 1);
-        const u64 and_g = AndShare(ge0, ge1, po0, po1) & mh;  // Gs0 & Ps1
-        const u64 and_p = AndShare(pe0, pe1, po0, po1) & mh;  // Ps0 & Ps1
-        const u64 mask = MaskBits(m0, m1, e, k);
-        out[e] = static_cast<TO>((and_g | (and_p << h)) ^ mask);
-        kout[e] = go0 & mh;
-        kout[n + e] = go1 & mh;
+      if (bmi2) {
+        LevelSpanBmi2(a, lo, hi);
+      } else {
+        LevelSpanPortable(a, lo, hi);
       }
     });
   }
@@ -280,6 +346,321 @@ class PkCarryFinishOp : public OpKernel {
     }
   }
 };
+
+
+// ---- ReLU -------------------------------------------------------------------------------
+//
+// Bit extraction of the msb of v = -x (x: an arithmetic sharing, party i holding x_i and
+// x_{i+1}), as ABY3 does it: v = u + w with u = -(x_0 + x_1) (party 0 knows it) and
+// w = -x_2 (parties 1 and 2 know it); u gets a boolean sharing (u ^ a_0, a_1, a_2), a_i
+// this party's share of a boolean zero-sharing (PkMsbShare: party i sends its share to
+// party i - 1), w the sharing (0, w, 0) that needs no message, and the carry circuit adds
+// them (PkMsbBegin: its first AND, then PkCarryLevel).
+inline u64 StreamWord(const int64_t* f0, const int64_t* f1, int64_t w) {
+  return static_cast<u64>(f0[w]) ^ static_cast<u64>(f1[w]);
+}
+
+Status CheckParty(int party) {
+  if (party < 0 || party > 2) {
+    return tensorflow::errors::InvalidArgument("party must be 0, 1 or 2, got ", party);
+  }
+  return Status();
+}
+
+class PkMsbShareOp : public OpKernel {
+ public:
+  explicit PkMsbShareOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("party", &party_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("offset", &offset_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("shape", &shape_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &nx_));
+    OP_REQUIRES_OK(ctx, CheckParty(party_));
+    OP_REQUIRES(ctx, nx_ == (party_ == 0 ? 2 : 0) && offset_ >= 0,
+                tensorflow::errors::InvalidArgument("party 0 passes its two shares, the "
+                                                    "others none"));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    const int64_t n = shape_.num_elements();
+    const Tensor& f0 = ctx->input(nx_);
+    const Tensor& f1 = ctx->input(nx_ + 1);
+    OP_REQUIRES_OK(ctx, CheckStream(f0, offset_, n));
+    OP_REQUIRES_OK(ctx, CheckStream(f1, offset_, n));
+    const int64_t* x0 = nullptr;
+    const int64_t* x1 = nullptr;
+    if (nx_ == 2) {
+      OP_REQUIRES(ctx, ctx->input(0).shape() == shape_ && ctx->input(1).shape() == shape_,
+                  tensorflow::errors::InvalidArgument("the shares must have shape ",
+                                                      shape_.DebugString()));
+      x0 = ctx->input(0).flat<int64_t>().data();
+      x1 = ctx->input(1).flat<int64_t>().data();
+    }
+    Tensor* c = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape_, &c));
+    const int64_t* m0 = f0.flat<int64_t>().data() + offset_;
+    const int64_t* m1 = f1.flat<int64_t>().data() + offset_;
+    u64* out = reinterpret_cast<u64*>(c->flat<int64_t>().data());
+    ForRange(ctx, n, 4, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi; ++e) {
+        u64 v = StreamWord(m0, m1, e);
+        if (x0 != nullptr) v ^= 0 - (static_cast<u64>(x0[e]) + static_cast<u64>(x1[e]));
+        out[e] = v;
+      }
+    });
+  }
+
+ private:
+  int party_, nx_;
+  int64_t offset_;
+  TensorShape shape_;
+};
+
+// The first AND of the carry of u + w below bit 63 (TF Encrypted shifts bit 62 to the top:
+// shift 1), with keep = P's shares and top = bit 63 of u ^ w's shares (the msb is the carry
+// into bit 63 xor that bit).
+class PkMsbBeginOp : public OpKernel {
+ public:
+  explicit PkMsbBeginOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("party", &party_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("offset", &offset_));
+    OP_REQUIRES_OK(ctx, CheckParty(party_));
+    OP_REQUIRES(ctx, offset_ >= 0, tensorflow::errors::InvalidArgument("offset >= 0"));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& co = ctx->input(0);
+    const Tensor& cn = ctx->input(1);
+    const Tensor& xo = ctx->input(2);
+    const Tensor& xn = ctx->input(3);
+    const Tensor& f0 = ctx->input(4);
+    const Tensor& f1 = ctx->input(5);
+    const int64_t n = co.NumElements();
+    for (const Tensor* t : {&cn, &xo, &xn}) {
+      OP_REQUIRES(ctx, t->shape() == co.shape(),
+                  tensorflow::errors::InvalidArgument("the shares must have one shape"));
+    }
+    OP_REQUIRES_OK(ctx, CheckStream(f0, offset_, n));
+    OP_REQUIRES_OK(ctx, CheckStream(f1, offset_, n));
+    TensorShape two({2});
+    two.AppendShape(co.shape());
+    Tensor *z = nullptr, *keep = nullptr, *top = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, co.shape(), &z));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, two, &keep));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, two, &top));
+    const u64* c0 = reinterpret_cast<const u64*>(co.flat<int64_t>().data());
+    const u64* c1 = reinterpret_cast<const u64*>(cn.flat<int64_t>().data());
+    const u64* x0 = reinterpret_cast<const u64*>(xo.flat<int64_t>().data());
+    const u64* x1 = reinterpret_cast<const u64*>(xn.flat<int64_t>().data());
+    const int64_t* m0 = f0.flat<int64_t>().data() + offset_;
+    const int64_t* m1 = f1.flat<int64_t>().data() + offset_;
+    u64* zo = reinterpret_cast<u64*>(z->flat<int64_t>().data());
+    u64* ko = reinterpret_cast<u64*>(keep->flat<int64_t>().data());
+    int8_t* to = top->flat<int8_t>().data();
+    const int party = party_;
+    ForRange(ctx, n, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi; ++e) {
+        // w's shares: party 1 holds (0, w), party 2 (w, 0), party 0 (0, 0); w = -x_2.
+        const u64 w0 = party == 2 ? 0 - x0[e] : 0;
+        const u64 w1 = party == 1 ? 0 - x1[e] : 0;
+        const u64 p0 = c0[e] ^ w0, p1 = c1[e] ^ w1;
+        zo[e] = AndShare(c0[e] << 1, c1[e] << 1, w0 << 1, w1 << 1) ^ StreamWord(m0, m1, e);
+        ko[e] = p0 << 1;
+        ko[n + e] = p1 << 1;
+        to[e] = static_cast<int8_t>(p0 >> 63);
+        to[n + e] = static_cast<int8_t>(p1 >> 63);
+      }
+    });
+  }
+
+ private:
+  int party_;
+  int64_t offset_;
+};
+
+// The selection x * b of ABY3's ReLU (b: the msb's boolean sharing, 1 when x > 0) as two
+// bit injections by three-party OT (ABY3, section 5.4.1): term T (T = 0, 1) has sender
+// s = party T, which knows a_0 = x_0 (T = 0) or a_1 = x_1 + x_2 (T = 1) and t = its two
+// shares of b xored; receivers r1 = s + 1 and r2 = s + 2 both know c = b_{s+2}, and
+// b = t ^ c. The sender draws the result's two shares z_s (with r2) and z_r1 (with r1)
+// from the pairwise PRFs, and sends each receiver m_j ^ w_j for j = 0, 1, where
+// m_j = (t ^ j) * a - z_s - z_r1 and w_j comes from the PRF it shares with the OTHER
+// receiver, who sends w_c (the helper's message). Each receiver learns m_c = a * b - z_s -
+// z_r1 only, the third share. The terms' sums are the result's shares.
+//
+// Words of each stream (from `offset`), for term T: [3nT, 3nT + n) the share z drawn with
+// that neighbour, [3nT + n, 3nT + 3n) the OT masks (element e: words 2e, 2e + 1).
+inline int Role(int party, int term) { return (party - term + 3) % 3; }
+inline int64_t ToNextWords(int role, int64_t n) { return role == 0 ? 2 * n : role == 1 ? n : 0; }
+inline int64_t ToPrevWords(int role, int64_t n) { return role == 0 ? 2 * n : role == 2 ? n : 0; }
+constexpr int kTerms = 2;
+
+Status SelectStreams(const Tensor& f0, const Tensor& f1, int64_t offset, int64_t n) {
+  TF_RETURN_IF_ERROR(CheckStream(f0, offset, 3 * kTerms * n));
+  return CheckStream(f1, offset, 3 * kTerms * n);
+}
+
+class PkReluSendOp : public OpKernel {
+ public:
+  explicit PkReluSendOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("party", &party_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("offset", &offset_));
+    OP_REQUIRES_OK(ctx, CheckParty(party_));
+    OP_REQUIRES(ctx, offset_ >= 0, tensorflow::errors::InvalidArgument("offset >= 0"));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& zo = ctx->input(0);
+    const Tensor& zn = ctx->input(1);
+    const Tensor& keep = ctx->input(2);
+    const Tensor& top = ctx->input(3);
+    const Tensor& xo = ctx->input(4);
+    const Tensor& xn = ctx->input(5);
+    const Tensor& f0 = ctx->input(6);
+    const Tensor& f1 = ctx->input(7);
+    const int64_t n = xo.NumElements();
+    OP_REQUIRES(ctx, xn.shape() == xo.shape() && zo.NumElements() == n &&
+                     zn.NumElements() == n && keep.NumElements() == 2 * n &&
+                     top.NumElements() == 2 * n,
+                tensorflow::errors::InvalidArgument("the carry and the shares do not match"));
+    OP_REQUIRES_OK(ctx, SelectStreams(f0, f1, offset_, n));
+    int64_t next_words = 0, prev_words = 0;
+    for (int t = 0; t < kTerms; ++t) {
+      next_words += ToNextWords(Role(party_, t), n);
+      prev_words += ToPrevWords(Role(party_, t), n);
+    }
+    TensorShape two({2});
+    two.AppendShape(xo.shape());
+    Tensor *to_next = nullptr, *to_prev = nullptr, *bits = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({next_words}), &to_next));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({prev_words}), &to_prev));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, two, &bits));
+    const int8_t* za = zo.flat<int8_t>().data();
+    const int8_t* zb = zn.flat<int8_t>().data();
+    const int64_t* kin = keep.flat<int64_t>().data();
+    const int8_t* tin = top.flat<int8_t>().data();
+    const u64* x0 = reinterpret_cast<const u64*>(xo.flat<int64_t>().data());
+    const u64* x1 = reinterpret_cast<const u64*>(xn.flat<int64_t>().data());
+    const u64* g0 = reinterpret_cast<const u64*>(f0.flat<int64_t>().data() + offset_);
+    const u64* g1 = reinterpret_cast<const u64*>(f1.flat<int64_t>().data() + offset_);
+    u64* onext = reinterpret_cast<u64*>(to_next->flat<int64_t>().data());
+    u64* oprev = reinterpret_cast<u64*>(to_prev->flat<int64_t>().data());
+    int8_t* b = bits->flat<int8_t>().data();
+    const int party = party_;
+    ForRange(ctx, n, 40, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi; ++e) {
+        const u64 b0 = ((kin[e] ^ za[e]) & 1) ^ (tin[e] & 1);
+        const u64 b1 = ((kin[n + e] ^ zb[e]) & 1) ^ (tin[n + e] & 1);
+        b[e] = static_cast<int8_t>(b0);
+        b[n + e] = static_cast<int8_t>(b1);
+        int64_t at_next = 0, at_prev = 0;  // where term t's blocks start
+        for (int t = 0; t < kTerms; ++t) {
+          const int role = Role(party, t);
+          const int64_t z = 3 * n * t, w = z + n;
+          if (role == 0) {  // sender: to r1 (next) masked by the PRF with r2 (f0), and back
+            const u64 a = t == 0 ? x0[e] : x0[e] + x1[e];
+            const u64 tb = b0 ^ b1;
+            const u64 base = 0 - g0[z + e] - g1[z + e];
+            for (int j = 0; j < 2; ++j) {
+              const u64 m = ((tb ^ j) ? a : 0) + base;
+              onext[at_next + 2 * e + j] = m ^ g0[w + 2 * e + j];
+              oprev[at_prev + 2 * e + j] = m ^ g1[w + 2 * e + j];
+            }
+          } else if (role == 1) {  // helper of r2's OT: its mask w_c, c = b_{s+2} = b1
+            onext[at_next + e] = g0[w + 2 * e + b1];
+          } else {                 // helper of r1's OT: w_c, c = b_{s+2} = b0
+            oprev[at_prev + e] = g1[w + 2 * e + b0];
+          }
+          at_next += ToNextWords(role, n);
+          at_prev += ToPrevWords(role, n);
+        }
+      }
+    });
+  }
+
+ private:
+  int party_;
+  int64_t offset_;
+};
+
+class PkReluFinishOp : public OpKernel {
+ public:
+  explicit PkReluFinishOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("party", &party_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("offset", &offset_));
+    OP_REQUIRES_OK(ctx, CheckParty(party_));
+    OP_REQUIRES(ctx, offset_ >= 0, tensorflow::errors::InvalidArgument("offset >= 0"));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& from_prev = ctx->input(0);
+    const Tensor& from_next = ctx->input(1);
+    const Tensor& bits = ctx->input(2);
+    const Tensor& f0 = ctx->input(3);
+    const Tensor& f1 = ctx->input(4);
+    OP_REQUIRES(ctx, bits.dims() >= 1 && bits.dim_size(0) == 2,
+                tensorflow::errors::InvalidArgument("b must hold two shares"));
+    TensorShape shape = bits.shape();
+    shape.RemoveDim(0);
+    const int64_t n = shape.num_elements();
+    const int prev = (party_ + 2) % 3, next = (party_ + 1) % 3;
+    int64_t prev_words = 0, next_words = 0;  // what the neighbours sent this party
+    for (int t = 0; t < kTerms; ++t) {
+      prev_words += ToNextWords(Role(prev, t), n);
+      next_words += ToPrevWords(Role(next, t), n);
+    }
+    OP_REQUIRES(ctx, from_prev.NumElements() == prev_words &&
+                     from_next.NumElements() == next_words,
+                tensorflow::errors::InvalidArgument(
+                    "the selection's messages have ", from_prev.NumElements(), " and ",
+                    from_next.NumElements(), " words; expected ", prev_words, " and ",
+                    next_words));
+    OP_REQUIRES_OK(ctx, SelectStreams(f0, f1, offset_, n));
+    Tensor *yo = nullptr, *yn = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &yo));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, shape, &yn));
+    const u64* mp = reinterpret_cast<const u64*>(from_prev.flat<int64_t>().data());
+    const u64* mn = reinterpret_cast<const u64*>(from_next.flat<int64_t>().data());
+    const int8_t* b = bits.flat<int8_t>().data();
+    const u64* g0 = reinterpret_cast<const u64*>(f0.flat<int64_t>().data() + offset_);
+    const u64* g1 = reinterpret_cast<const u64*>(f1.flat<int64_t>().data() + offset_);
+    u64* oo = reinterpret_cast<u64*>(yo->flat<int64_t>().data());
+    u64* on = reinterpret_cast<u64*>(yn->flat<int64_t>().data());
+    const int party = party_;
+    ForRange(ctx, n, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi; ++e) {
+        u64 own = 0, nxt = 0;
+        int64_t at_prev = 0, at_next = 0;
+        for (int t = 0; t < kTerms; ++t) {
+          const int role = Role(party, t);
+          const int64_t z = 3 * n * t;
+          if (role == 0) {         // the sender's shares: z_s (with r2 = prev), z_r1
+            own += g0[z + e];
+            nxt += g1[z + e];
+          } else if (role == 1) {  // r1: z_r1 (with s = prev), then m_c; c = b_{s+2}
+            const int c = b[n + e] & 1;
+            own += g0[z + e];
+            nxt += mp[at_prev + 2 * e + c] ^ mn[at_next + e];
+          } else {                 // r2: m_c (from s = next, mask from r1), then z_s
+            const int c = b[e] & 1;
+            own += mn[at_next + 2 * e + c] ^ mp[at_prev + e];
+            nxt += g1[z + e];
+          }
+          at_prev += ToNextWords(Role(prev, t), n);
+          at_next += ToPrevWords(Role(next, t), n);
+        }
+        oo[e] = own;
+        on[e] = nxt;
+      }
+    });
+  }
+
+ private:
+  int party_;
+  int64_t offset_;
+};
+
+Status SameAndTwo(InferenceContext* c, int first_output) {
+  ShapeHandle two;
+  TF_RETURN_IF_ERROR(c->Concatenate(c->Vector(2), c->input(0), &two));
+  c->set_output(first_output, two);
+  return Status();
+}
 
 Status SameAndKeep(InferenceContext* c) {
   ShapeHandle keep;
@@ -338,3 +719,85 @@ REGISTER_OP("PkCarryFinish")
 REGISTER_KERNEL_BUILDER(Name("PkCarryBegin").Device(DEVICE_CPU), PkCarryBeginOp);
 REGISTER_KERNEL_BUILDER(Name("PkCarryLevel").Device(DEVICE_CPU), PkCarryLevelOp);
 REGISTER_KERNEL_BUILDER(Name("PkCarryFinish").Device(DEVICE_CPU), PkCarryFinishOp);
+
+REGISTER_OP("PkMsbShare")
+    .Input("x: N * int64")
+    .Input("f0: int64")
+    .Input("f1: int64")
+    .Output("c: int64")
+    .Attr("N: int >= 0")
+    .Attr("party: int")
+    .Attr("offset: int")
+    .Attr("shape: shape")
+    .SetShapeFn([](InferenceContext* c) {
+      tensorflow::PartialTensorShape shape;
+      TF_RETURN_IF_ERROR(c->GetAttr("shape", &shape));
+      ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->MakeShapeFromPartialTensorShape(shape, &out));
+      c->set_output(0, out);
+      return Status();
+    });
+
+REGISTER_OP("PkMsbBegin")
+    .Input("c_own: int64")
+    .Input("c_next: int64")
+    .Input("x_own: int64")
+    .Input("x_next: int64")
+    .Input("f0: int64")
+    .Input("f1: int64")
+    .Output("z: int64")
+    .Output("keep: int64")
+    .Output("top: int8")
+    .Attr("party: int")
+    .Attr("offset: int")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      TF_RETURN_IF_ERROR(SameAndTwo(c, 1));
+      return SameAndTwo(c, 2);
+    });
+
+REGISTER_OP("PkReluSend")
+    .Input("z_own: int8")
+    .Input("z_next: int8")
+    .Input("keep: int64")
+    .Input("top: int8")
+    .Input("x_own: int64")
+    .Input("x_next: int64")
+    .Input("f0: int64")
+    .Input("f1: int64")
+    .Output("to_next: int64")
+    .Output("to_prev: int64")
+    .Output("b: int8")
+    .Attr("party: int")
+    .Attr("offset: int")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->Vector(InferenceContext::kUnknownDim));
+      c->set_output(1, c->Vector(InferenceContext::kUnknownDim));
+      ShapeHandle two;
+      TF_RETURN_IF_ERROR(c->Concatenate(c->Vector(2), c->input(4), &two));
+      c->set_output(2, two);
+      return Status();
+    });
+
+REGISTER_OP("PkReluFinish")
+    .Input("from_prev: int64")
+    .Input("from_next: int64")
+    .Input("b: int8")
+    .Input("f0: int64")
+    .Input("f1: int64")
+    .Output("y_own: int64")
+    .Output("y_next: int64")
+    .Attr("party: int")
+    .Attr("offset: int")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle shape;
+      TF_RETURN_IF_ERROR(c->Subshape(c->input(2), 1, &shape));
+      c->set_output(0, shape);
+      c->set_output(1, shape);
+      return Status();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("PkMsbShare").Device(DEVICE_CPU), PkMsbShareOp);
+REGISTER_KERNEL_BUILDER(Name("PkMsbBegin").Device(DEVICE_CPU), PkMsbBeginOp);
+REGISTER_KERNEL_BUILDER(Name("PkReluSend").Device(DEVICE_CPU), PkReluSendOp);
+REGISTER_KERNEL_BUILDER(Name("PkReluFinish").Device(DEVICE_CPU), PkReluFinishOp);
