@@ -64,11 +64,12 @@ def child_env():
     return env
 
 
-def run_checks(code, timeout):
-    """Run ``code`` in a fresh Python (privatekeras on its path); it prints ``ALL`` when every
-    one of its checks held, ``MISMATCH`` otherwise. Fails the test on anything but ``ALL``."""
-    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
-                         text=True, timeout=timeout)
+def run_checks(code, timeout, **env):
+    """Run ``code`` in a fresh Python (privatekeras on its path, ``env`` added to its
+    environment); it prints ``ALL`` when every one of its checks held, ``MISMATCH``
+    otherwise. Fails the test on anything but ``ALL``."""
+    out = subprocess.run([sys.executable, "-c", code], env=dict(child_env(), **env),
+                         capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ALL" in out.stdout, out.stdout + out.stderr[-2000:]
 
