@@ -181,6 +181,8 @@ def test_model_owner_killed_clients_get_a_clear_error(models, tmp_path):
                                                "--timeout", 120,
                                                "--out", tmp_path / "o{}.npz".format(k)])
                        for k in range(3)]
+            for c in clients:  # connected before the kill: connecting retries until --timeout
+                c.wait_for("CONNECTED", 120)
             _wait_answered(owner, 6)
             killed_at = time.time()
             owner.kill()

@@ -10,7 +10,8 @@ anyone but the party it belongs to:
 ========== =============== ==================================================================
 method      callers         what it does
 ========== =============== ==================================================================
-Status      anyone          the public board: served model's public spec, serving state
+Status      anyone          the public board: served model's public spec, serving state (to
+                            workers also: answer shares of the session held, not yet fetched)
 Upload      owner           this worker's weight shares and the model's public spec (stream)
 Prepare     owner           worker 0 traces and warms up the private step (progress stream)
 Serve       owner           worker 0 answers queries while this call lasts (event stream)
@@ -19,7 +20,6 @@ Submit      client          this worker's input shares under a fresh random quer
 Fetch       client          this worker's output shares, for the per-worker fetch secret
 Arrived     worker          "I hold the shares of query q" (workers 1, 2 -> worker 0)
 Done        worker          "the answers of these queries are in your output table" (0 -> 1, 2)
-Collected   worker          "query q's answer share was delivered" (1, 2 -> worker 0)
 ========== =============== ==================================================================
 
 The one-server CKKS backend (:mod:`privatekeras.ckks`) is a worker of its own with the same
@@ -58,7 +58,9 @@ MESSAGES = {
     "Board": [("worker", "string", False), ("index", "int32", False),
               ("state", "string", False), ("session", "string", False),
               ("answered", "int64", False), ("message", "string", False),
-              ("model_id", "string", False), ("spec_json", "string", False)],
+              ("model_id", "string", False), ("spec_json", "string", False),
+              # to workers only: answer shares of `session` held and not yet fetched
+              ("unfetched", "int64", False)],
     "UploadChunk": [("spec_json", "string", False), ("weights", "Tensor", True)],
     "PrepareRequest": [("model_id", "string", False)],
     "Progress": [("message", "string", False), ("seconds", "double", False),
@@ -77,7 +79,7 @@ MESSAGES = {
     "FetchReply": [("ready", "bool", False), ("shares", "Tensor", True),
                    ("blobs", "bytes", True)],  # CKKS server: one ciphertext per output
     "QueryNote": [("query_id", "string", False), ("index", "int32", False)],
-    "DoneNote": [("query_ids", "string", True)],
+    "DoneNote": [("query_ids", "string", True), ("session", "string", False)],
 }
 
 
@@ -113,7 +115,6 @@ METHODS = {
     "Fetch": ("unary_unary", "FetchRequest", "FetchReply", CLIENT),
     "Arrived": ("unary_unary", "QueryNote", "Empty", WORKER),
     "Done": ("unary_unary", "DoneNote", "Empty", WORKER),
-    "Collected": ("unary_unary", "QueryNote", "Empty", WORKER),
 }
 
 # Board states, in the order a worker goes through them.

@@ -43,6 +43,7 @@ API_THREADS = 128  # threads of a worker's API server
 LONG_POLLS = 96  # Fetch calls that may wait at once (the other threads stay free)
 IDLE_CHECK = 0.5  # while serving and idle, worker 0 checks the other workers this often
 PICKUP_PATIENCE = 10.0  # serve() waits this long without progress for answers to be fetched
+PICKUP_POLL = 0.05  # meanwhile it asks workers 1 and 2 this often how many they still hold
 PEER_TIMEOUT = 5.0
 
 
@@ -111,10 +112,18 @@ class WorkerServer:
     """One worker's API server and its part of the computation. Cheap to construct;
     :meth:`start` joins the compute cluster and opens the API."""
 
+    PEERS = (1, 2)  # worker 0's peers: told about steps, checked while idle, asked about pickups
+
     def __init__(self, config):
         self.config = config
         self.index = config.index
-        self._cv = threading.Condition()
+        # One lock for all of this worker's state; two conditions on it, so that what wakes
+        # one kind of waiter does not wake the other: _cv for fetches and pickup (a query
+        # registered, fetched or failed), _work for worker 0's serving loop (a query ready,
+        # serving ended).
+        lock = threading.RLock()
+        self._cv = threading.Condition(lock)
+        self._work = threading.Condition(lock)
         self._model = None
         self._queries = {}  # query id -> Query
         self._state = wire.EMPTY
@@ -124,17 +133,17 @@ class WorkerServer:
         self._peers_lock = threading.Lock()
         self._long_polls = threading.BoundedSemaphore(LONG_POLLS)
         self._notes = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="privatekeras-notes")  # calls to the other workers
+            max_workers=4, thread_name_prefix="privatekeras-notes")  # worker 0's Done notes
         self._closing = threading.Event()
+        self._sending = collections.Counter()  # session -> answer shares being sent by Fetch
         # worker 0 only
         self._engine = None
         self._steps = {}  # group size -> traced step
         self._arrivals = {}  # query id -> (set of worker indices holding its shares, since)
         self._ready = collections.deque()  # query ids complete on every worker, in order
-        self._session = ""
+        self._session = ""  # workers 1 and 2: the session of worker 0's last Done note
         self._answered = 0  # in the current or last serving session
         self._stop_serving = threading.Event()
-        self._uncollected = {}  # query id -> worker indices whose answer share is not fetched
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self):
@@ -191,7 +200,7 @@ class WorkerServer:
         """Worker 0 waits until workers 1 and 2 answer on their APIs (so their TensorFlow
         servers are up) before connecting the compute cluster."""
         last = 0.0
-        for i in (1, 2):
+        for i in self.PEERS:
             while True:
                 try:
                     self._peer(i).Status(M.Empty(), timeout=PEER_TIMEOUT)
@@ -238,10 +247,11 @@ class WorkerServer:
             model = self._model
             spec = "" if model is None else json.dumps(
                 model.client_spec() if peer[1] == "client" else model.spec)
+            unfetched = self._unfetched(self._session) if peer[1] == "worker" else 0
             return M.Board(worker=self.config.name, index=self.index, state=self._state,
                            session=self._session, answered=self._answered,
                            message=self._message, model_id=model.id if model else "",
-                           spec_json=spec)
+                           spec_json=spec, unfetched=unfetched)
 
     # -- the owner's calls -----------------------------------------------------------------
     @staticmethod
@@ -298,7 +308,7 @@ class WorkerServer:
         if model is None or model.id != request.model_id:
             raise Refusal("Failed", "worker 0 does not hold model {}: upload it first".format(
                 request.model_id))
-        for i in (1, 2):
+        for i in self.PEERS:
             try:
                 board = self._peer(i).Status(M.Empty(), timeout=PEER_TIMEOUT)
             except grpc.RpcError as exc:
@@ -353,7 +363,6 @@ class WorkerServer:
             self._session, self._state, self._answered = session, wire.SERVING, 0
             self._message = "serving"
             self._stop_serving = stop = threading.Event()
-            self._uncollected = {}
             max_group = max(self._steps)
         context.add_callback(lambda: self._end_serving(
             session, "OwnerGone", "the model owner stopped serving without withdrawing (its "
@@ -373,7 +382,7 @@ class WorkerServer:
                 seconds = self._evaluate(ids, session)
                 answered += len(ids)
                 yield M.ServeEvent(answered=answered, session=session, step_seconds=seconds)
-            self._await_pickup(stop)
+            self._await_pickup(stop, session)
         except Refusal as refusal:
             self._end_serving(session, refusal.kind, refusal.message, failed=True)
             raise
@@ -392,6 +401,7 @@ class WorkerServer:
             self._stop_serving.set()
             self._fail_all(kind, message)
             self._cv.notify_all()
+            self._work.notify_all()
         if kind != "NotServing" or failed:
             warn("%s: serving ended: %s", self.config.name, message)
 
@@ -406,26 +416,29 @@ class WorkerServer:
 
     def _next_group(self, stop, limit, idle_timeout):
         """Ids of up to ``limit`` queries whose shares every worker holds, in arrival order;
-        None when serving ends. While idle, checks the other workers every IDLE_CHECK s."""
-        since = time.monotonic()
+        None when serving ends. While idle, checks the other workers every IDLE_CHECK s, by
+        the clock: a wake-up that brings no ready query costs no check."""
+        since = checked = time.monotonic()
         while True:
             with self._cv:
-                if stop.is_set():
-                    return None
-                if not self._ready:
-                    self._cv.wait(IDLE_CHECK)
+                while not self._ready and not stop.is_set():
+                    left = checked + IDLE_CHECK - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._work.wait(left)
                 if stop.is_set():
                     return None
                 if self._ready:
                     return [self._ready.popleft() for _ in range(min(limit, len(self._ready)))]
             self._check_peers()
-            if idle_timeout is not None and time.monotonic() - since > idle_timeout:
+            checked = time.monotonic()
+            if idle_timeout is not None and checked - since > idle_timeout:
                 say("%s: no query for %g s (idle_timeout): serving ends", self.config.name,
                     idle_timeout)
                 return None
 
     def _check_peers(self):
-        for i in (1, 2):
+        for i in self.PEERS:
             try:
                 self._peer(i).Status(M.Empty(), timeout=PEER_TIMEOUT)
             except grpc.RpcError as exc:
@@ -449,14 +462,13 @@ class WorkerServer:
             self._check_peers()
             raise Refusal("WorkerLost", "serving failed, a worker stopped answering: {}".format(
                 _first_line(exc))) from None
-        with self._cv:  # before any worker can deliver (and report) an answer share
-            for qid in ids:
-                self._uncollected[qid] = {0, 1, 2}
+        with self._cv:
             self._answered += len(ids)
-        notes = [self._notes.submit(self._peer(i).Done, M.DoneNote(query_ids=ids),
-                                    timeout=PEER_TIMEOUT) for i in (1, 2)]
+        notes = [self._notes.submit(self._peer(i).Done,
+                                    M.DoneNote(query_ids=ids, session=session),
+                                    timeout=PEER_TIMEOUT) for i in self.PEERS]
         self._deliver_outputs(ids)
-        for i, note in zip((1, 2), notes):
+        for i, note in zip(self.PEERS, notes):
             try:
                 note.result()
             except grpc.RpcError as exc:
@@ -477,14 +489,19 @@ class WorkerServer:
             query.output = model.store.take_output(qid, model.out_shape)
             query.ready.set()
 
-    def _await_pickup(self, stop):
+    def _await_pickup(self, stop, session):
         """Wait until every answer of this session was fetched from all three workers (a
         caller that stops the cluster right after serve() must not cut a client off its last
-        answer); give up after PICKUP_PATIENCE s without progress."""
+        answer); give up after PICKUP_PATIENCE s without progress.
+
+        Workers 1 and 2 are asked here, at the end, how many they still hold (their board,
+        every PICKUP_POLL s), rather than reporting every delivered answer as it goes: a note
+        per answer per worker is two more calls per query, competing with the next query."""
         last, since = None, time.monotonic()
-        while True:
+        while not stop.is_set():
+            left = sum(self._unfetched_on(i, session) for i in self.PEERS)
             with self._cv:
-                left = sum(len(s) for s in self._uncollected.values())
+                left += self._unfetched(session)
                 if left == 0 or stop.is_set():
                     return
                 if left != last:
@@ -493,7 +510,24 @@ class WorkerServer:
                     warn("%s: %d answer share(s) not fetched by their clients after %.0f s",
                          self.config.name, left, PICKUP_PATIENCE)
                     return
-                self._cv.wait(0.05)
+                self._cv.wait(PICKUP_POLL)  # woken early by a fetch from this worker
+
+    def _unfetched_on(self, i, session):
+        """How many answer shares of ``session`` worker ``i`` still holds (0 when it cannot
+        be reached: nobody can fetch them then)."""
+        try:
+            board = self._peer(i).Status(M.Empty(), timeout=PEER_TIMEOUT)
+        except grpc.RpcError as exc:
+            warn("%s: cannot ask %s whether its answers were fetched: %s", self.config.name,
+                 self.config.names[i], wire.translate(exc, self.config.names[i]))
+            return 0
+        return board.unfetched if board.session == session else 0
+
+    def _unfetched(self, session):
+        """(Under the lock.) Answer shares of serving session ``session`` that this worker
+        holds for their clients: evaluated and not yet fetched, or being sent."""
+        return self._sending[session] + sum(
+            1 for q in self._queries.values() if q.session == session and q.output is not None)
 
     # -- the clients' calls ----------------------------------------------------------------
     def _submitted_model(self, request):
@@ -528,6 +562,7 @@ class WorkerServer:
                 self.config.name, MAX_WAITING))
         self._queries[request.query_id] = Query(request.query_id, request.fetch_digest,
                                                 request.session)
+        self._cv.notify_all()  # a Fetch that overtook this Submit waits for it
 
     def Submit(self, request, context, peer):
         model = self._submitted_model(request)
@@ -542,7 +577,6 @@ class WorkerServer:
             raise Refusal("BadInput", str(exc)) from None
         with self._cv:
             self._register(request, check_serving=self.index == 0)
-            self._cv.notify_all()
         try:
             model.store.put_input(request.query_id, pair)
         except Exception:
@@ -552,22 +586,20 @@ class WorkerServer:
         if self.index == 0:
             self._arrived(request.query_id, 0)
         else:
-            self._tell_worker0("Arrived", request.query_id)
+            self._report_arrival(request.query_id)
         return M.Empty()
 
-    def _tell_worker0(self, method, query_id):
-        """Send worker 0 a note about a query, from the notes' thread pool (a blocking gRPC
-        future would start a thread for every note); a failure is logged: worker 0 is gone,
-        which its clients and owner see for themselves."""
-        call = getattr(self._peer(0), method)
-        note = self._notes.submit(call, M.QueryNote(query_id=query_id, index=self.index),
+    def _report_arrival(self, query_id):
+        """Tell worker 0 that this worker holds the shares of ``query_id``. The note is on
+        every query's way to its step, so it goes from the Submit call's own thread (a hop
+        through the notes' pool costs a thread wake-up, which on busy cores takes a good
+        part of a millisecond); the client is not held up: its Fetch is on its way already.
+        When worker 0 cannot be told, the query can never be evaluated: Submit fails."""
+        try:
+            self._peer(0).Arrived(M.QueryNote(query_id=query_id, index=self.index),
                                   timeout=PEER_TIMEOUT)
-        note.add_done_callback(self._report_note_failure)
-
-    def _report_note_failure(self, future):
-        if future.exception() is not None:
-            warn("%s: could not tell %s about a query: %s", self.config.name,
-                 self.config.names[0], wire.translate(future.exception(), self.config.names[0]))
+        except grpc.RpcError as exc:
+            raise Refusal("WorkerLost", str(wire.translate(exc, self.config.names[0]))) from None
 
     def Fetch(self, request, context, peer):
         if not self._long_polls.acquire(blocking=False):
@@ -600,8 +632,18 @@ class WorkerServer:
                 return M.FetchReply(ready=False)
             if self._queries.pop(query.id, None) is None:
                 raise Refusal("BadInput", "this answer was already fetched")
-        context.add_callback(lambda: self._collected(query.id, self.index))
+            self._sending[query.session] += 1
+        if not context.add_callback(lambda: self._sent(query.session)):
+            self._sent(query.session)  # the call has ended already
         return self._reply(query)
+
+    def _sent(self, session):
+        """A Fetch that took an answer share ended (delivered, or the client went away)."""
+        with self._cv:
+            self._sending[session] -= 1
+            if not self._sending[session]:
+                del self._sending[session]
+            self._cv.notify_all()
 
     def _reply(self, query):
         """The answer to a Fetch of an evaluated query: this worker's answer shares."""
@@ -624,36 +666,24 @@ class WorkerServer:
                 self._arrivals.pop(query_id, None)
                 query = self._queries.get(query_id)
                 if query is not None and query.error is None:
-                    self._ready.append(query_id)
-                    self._cv.notify_all()
+                    self._mark_ready(query_id)
             elif len(self._arrivals) < 2 * MAX_WAITING:
                 self._arrivals[query_id] = (held, since)
+
+    def _mark_ready(self, query_id):
+        """(Under the lock.) Query ``query_id`` may enter a step: queue it and wake the
+        serving loop (only it)."""
+        self._ready.append(query_id)
+        self._work.notify()
 
     def Done(self, request, context, peer):
         if self.index == 0:
             raise Refusal("Failed", "Done goes to workers 1 and 2")
         self._check_peer_index(peer, 0, "Done")
+        with self._cv:
+            self._session = request.session
         self._deliver_outputs(list(request.query_ids))
         return M.Empty()
-
-    def Collected(self, request, context, peer):
-        self._only_worker0("Collected")
-        self._check_peer_index(peer, request.index, "Collected")
-        self._collected(request.query_id, request.index)
-        return M.Empty()
-
-    def _collected(self, query_id, index):
-        """Worker ``index`` delivered its answer share of ``query_id`` (worker 0 counts)."""
-        if self.index != 0:
-            self._tell_worker0("Collected", query_id)
-            return
-        with self._cv:
-            left = self._uncollected.get(query_id)
-            if left is not None:
-                left.discard(index)
-                if not left:
-                    del self._uncollected[query_id]
-                self._cv.notify_all()
 
     # -- housekeeping ----------------------------------------------------------------------
     def _janitor(self):

@@ -91,6 +91,8 @@ def parse_spec(text):
 class CKKSServer(WorkerServer):
     """The one-process CKKS server (see the module's text)."""
 
+    PEERS = ()  # no other workers: nothing to check while idle, nobody to ask about pickups
+
     def start(self):
         """Open the API; returns self. (No TensorFlow, no peers.)"""
         self._open_api()
@@ -153,9 +155,6 @@ class CKKSServer(WorkerServer):
         say("%s: " + message, self.config.name, *args)
 
     # -- serving ---------------------------------------------------------------------------
-    def _check_peers(self):
-        """No peers: nothing to check while idle."""
-
     def _evaluate(self, ids, session):
         """Evaluate these queries (the serving loop's step); returns the evaluation time."""
         from .engine import QueryRefused
@@ -174,7 +173,6 @@ class CKKSServer(WorkerServer):
                 output, error = None, ("BadInput", str(exc))
             with self._cv:
                 if error is None:
-                    self._uncollected[qid] = {0}
                     self._answered += 1
                     query.output = output
                 else:
@@ -199,8 +197,7 @@ class CKKSServer(WorkerServer):
         with self._cv:
             self._register(request, check_serving=True)
             model.inputs[request.query_id] = (bytes(request.context), list(request.blobs))
-            self._ready.append(request.query_id)
-            self._cv.notify_all()
+            self._mark_ready(request.query_id)
         return M.Empty()
 
     # -- no peers --------------------------------------------------------------------------
@@ -212,6 +209,3 @@ class CKKSServer(WorkerServer):
 
     def Done(self, request, context, peer):
         self._no_peers("Done")
-
-    def Collected(self, request, context, peer):
-        self._no_peers("Collected")
