@@ -64,6 +64,43 @@ def child_env():
     return env
 
 
+# The start of a three-party check that runs in a fresh Python (see run_checks): TensorFlow
+# with three logical CPUs, ABY3 over them (``prot``, ``devices``, TF Encrypted's ``aby3_mod``,
+# ``ABY3PrivateTensor``, ``ShareType``), ``rand(*shape)`` full-range int64 values from ``rng``
+# (seeded with SEED, which the check sets first) and ``share(value, kind, scaled)``: a numpy
+# array split into replicated shares, party i holding shares i and i + 1 on its device.
+ABY3_PRELUDE = """
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 3)
+from privatekeras.mpc.aby3 import ABY3Engine
+devices = ["/job:localhost/replica:0/task:0/device:CPU:%d" % i for i in range(3)]
+prot = ABY3Engine.in_process(devices).prot  # imports TF Encrypted, patched
+from tf_encrypted.protocol.aby3 import aby3 as aby3_mod
+from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor, ShareType
+rng = np.random.default_rng(SEED)
+def rand(*shape):
+    return rng.integers(-2**63, 2**63 - 1, size=shape, dtype=np.int64, endpoint=True)
+def share(value, kind=ShareType.ARITHMETIC, scaled=True):
+    s = [rand(*value.shape), rand(*value.shape)]
+    with np.errstate(over="ignore"):
+        s.append(value ^ s[0] ^ s[1] if kind == ShareType.BOOLEAN else value - s[0] - s[1])
+    pairs = []
+    for i, device in enumerate(devices):
+        with tf.device(device):
+            pairs.append([prot.default_factory.tensor(tf.constant(s[(i + j) % 3]), encode=False)
+                          for j in range(2)])
+    return ABY3PrivateTensor(prot, pairs, scaled, kind)
+"""
+
+
+def aby3_check(body, seed):
+    """The code of a three-party check: :data:`ABY3_PRELUDE` (its ``rng`` seeded with
+    ``seed``), then ``body``."""
+    return "SEED = {}\n{}\n{}".format(int(seed), ABY3_PRELUDE, body)
+
+
 def run_checks(code, timeout, **env):
     """Run ``code`` in a fresh Python (privatekeras on its path, ``env`` added to its
     environment); it prints ``ALL`` when every one of its checks held, ``MISMATCH``

@@ -15,33 +15,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import child_env, run_checks
+from conftest import aby3_check, child_env, run_checks
 
-PROTOCOL = textwrap.dedent('''
+PROTOCOL = aby3_check('''
 import collections
-import numpy as np
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 3)
-from privatekeras.mpc.aby3 import ABY3Engine
 from privatekeras.mpc import tfe_compat
-devices = ["/job:localhost/replica:0/task:0/device:CPU:%d" % i for i in range(3)]
-prot = ABY3Engine.in_process(devices).prot
-from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor, ShareType
 assert tfe_compat._fused_kernels_on()
-rng = np.random.default_rng(5)
-def rand(*shape):
-    return rng.integers(-2**63, 2**63 - 1, size=shape, dtype=np.int64, endpoint=True)
-def share(value):
-    s = [rand(*value.shape), rand(*value.shape)]
-    with np.errstate(over="ignore"):
-        s.append(value - s[0] - s[1])
-    pairs = []
-    for i, device in enumerate(devices):
-        with tf.device(device):
-            pairs.append([prot.default_factory.tensor(tf.constant(s[i]), encode=False),
-                          prot.default_factory.tensor(tf.constant(s[(i + 1) % 3]), encode=False)])
-    return ABY3PrivateTensor(prot, pairs, True, ShareType.ARITHMETIC)
 def shares(t):
     return [[t.unwrapped[i][j].value for j in range(2)] for i in range(3)]
 ok = []
@@ -74,7 +53,7 @@ for shape in [(2, 3, 5), (20011,)]:  # the second: above the kernels' threading 
         ok += [ops["relu"] < 80, ops["select"] + ops["msb"] > 300]
 print("CHECKS", ok)
 print("ALL" if all(ok) else "MISMATCH")
-''')
+''', seed=5)
 
 
 def test_fused_relu_is_exact_and_matches_tf_encrypted():

@@ -9,44 +9,20 @@ message to P2, where TF Encrypted's is over a hundred."""
 import json
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
-from conftest import child_env
+from conftest import aby3_check, child_env
 
 FRAC = 16
 LIFT = 62
 
-PROTOCOL = textwrap.dedent('''
+PROTOCOL = aby3_check('''
 import json
-import numpy as np
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 3)
-from privatekeras.mpc.aby3 import ABY3Engine
 from privatekeras.mpc import truncation
-devices = ["/job:localhost/replica:0/task:0/device:CPU:%d" % i for i in range(3)]
-engine = ABY3Engine.in_process(devices)
-prot = engine.prot
-from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor, ShareType
 F = prot.fixedpoint_config.precision_fractional
 assert F == 16, F
-rng = np.random.default_rng(5)
-def rand(*shape):
-    return rng.integers(-2**63, 2**63 - 1, size=shape, dtype=np.int64, endpoint=True)
-def share(value):
-    s = [rand(*value.shape), rand(*value.shape)]
-    with np.errstate(over="ignore"):
-        s.append(value - s[0] - s[1])
-    pairs = []
-    for i, device in enumerate(devices):
-        with tf.device(device):
-            pairs.append([prot.default_factory.tensor(tf.constant(s[i]), encode=False),
-                          prot.default_factory.tensor(tf.constant(s[(i + 1) % 3]),
-                                                      encode=False)])
-    return ABY3PrivateTensor(prot, pairs, True, ShareType.ARITHMETIC)
 edges = [0, 1, -1, 2**16, -2**16, 2**16 - 1, -2**16 + 1, 2**16 + 1, -2**16 - 1, 2**61,
          -2**61, 2**61 - 1, -2**61 + 1, 2**62 - 1, -2**62 + 1, 2**62 - 2**20, -2**62 + 2**20]
 small = rng.integers(-2**61, 2**61, size=(6, 50), dtype=np.int64, endpoint=True)
@@ -132,7 +108,7 @@ checks["op_types_fused"] = types
 checks["messages_fused"] = messages("fused")
 checks["messages_tfe"] = messages("tfe")
 print("RESULT " + json.dumps(checks))
-''')
+''', seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -170,11 +146,11 @@ def test_fused_truncation_is_a_few_ops_and_sends_nothing_to_p2(protocol):
     assert any(dst == 2 for _, dst, _ in protocol["messages_tfe"]), protocol["messages_tfe"]
     kernels = {k: v for k, v in protocol["op_types_fused"].items() if k.startswith("PkTrunc")}
     assert kernels == {"PkTruncDeal": 1, "PkTruncMask": 1, "PkTruncOpen": 1,
-                       "PkTruncReply": 1, "PkTruncFinish": 1, "PkTruncJoin": 2}
+                       "PkTruncReply": 1, "PkTruncFinish": 1}
 
 
 # ------------------------------------------------------------------------------------------
-# Kernel level: the six ops by hand, against the protocol's formulas written out in numpy.
+# Kernel level: the five ops by hand, against the protocol's formulas written out in numpy.
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +212,7 @@ def scenario(n, off02=7, off12=3, seed=4):
 
 
 def run_kernels(ops, s):
-    """The six kernels wired as the protocol wires them (P0's and P2's P0-P2 stream are the
+    """The five kernels wired as the protocol wires them (P0's and P2's P0-P2 stream are the
     same words, as are P1's and P2's P1-P2 stream)."""
     deal, y2_on_2, y0_on_2 = ops.pk_trunc_deal(s["r"], s["f12"], s["f02"], amount=FRAC,
                                                lift=LIFT, offset_prev=s["off12"],
@@ -247,7 +223,7 @@ def run_kernels(ops, s):
                                      offset=s["off12"])
     t0, y0_on_0 = ops.pk_trunc_finish(c0, c1, s["f02"], amount=FRAC, lift=LIFT,
                                       offset=s["off02"])
-    t_on_0, t_on_1 = ops.pk_trunc_join(t0, t1), ops.pk_trunc_join(t1, t0)
+    t_on_0 = t_on_1 = t0 + t1  # each of P0 and P1 adds the t it received to its own
     return {"deal": deal, "c0": c0, "c1": c1, "t1": t1, "t0": t0, "y0": (y0_on_0, y0_on_2),
             "t": (t_on_0, t_on_1), "y2": (y2_on_1, y2_on_2)}
 
@@ -371,8 +347,6 @@ def test_kernels_refuse_short_streams_and_mismatched_shapes(ops):
         ops.pk_trunc_finish(z, z[:-1], long_, amount=FRAC)
     with pytest.raises(err, match="PkTruncFinish: the PRF stream f_prev must hold at least 40"):
         ops.pk_trunc_finish(z, z, long_[:-1], amount=FRAC)
-    with pytest.raises(err, match="PkTruncJoin: t_other must have shape"):
-        ops.pk_trunc_join(z, np.zeros(n + 1, np.int64))
     with pytest.raises(err, match="amount must be in"):
         ops.pk_trunc_finish(z, z, long_, amount=0)
     with pytest.raises(err, match="lift must be in"):

@@ -26,6 +26,7 @@ SOURCE = os.path.join(HERE, "pk_ops.cc")
 RING_SOURCE = os.path.join(HERE, "pk_ring.cc")  # compiled into the same library
 FUSED_SOURCE = os.path.join(HERE, "pk_fused.cc")  # likewise
 TRUNC_SOURCE = os.path.join(HERE, "pk_trunc.cc")  # likewise
+COMMON_HEADER = os.path.join(HERE, "pk_common.h")  # included by every kernel file
 LOOPBACK_SOURCE = os.path.join(HERE, "pk_loopback.c")
 TEST_SOURCE = os.path.join(HERE, "pk_test_ops.cc")
 ENV_VAR = "PRIVATEKERAS_KERNELS"
@@ -33,8 +34,8 @@ ENV_VAR = "PRIVATEKERAS_KERNELS"
 
 def _source_digest():
     digest = hashlib.sha256()
-    for path in (SOURCE, RING_SOURCE, FUSED_SOURCE, TRUNC_SOURCE, LOOPBACK_SOURCE,
-                 TEST_SOURCE):
+    for path in (SOURCE, RING_SOURCE, FUSED_SOURCE, TRUNC_SOURCE, COMMON_HEADER,
+                 LOOPBACK_SOURCE, TEST_SOURCE):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:12]

@@ -41,26 +41,15 @@
 #include <cstring>
 #include <type_traits>
 
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/framework/tensor_shape.h"
-#include "tensorflow/core/util/work_sharder.h"
+#include "pk_common.h"
 
 using tensorflow::DataType;
-using tensorflow::DEVICE_CPU;
-using tensorflow::OpKernel;
-using tensorflow::OpKernelConstruction;
-using tensorflow::OpKernelContext;
-using tensorflow::Status;
-using tensorflow::Tensor;
-using tensorflow::TensorShape;
-using tensorflow::shape_inference::InferenceContext;
-using tensorflow::shape_inference::ShapeHandle;
 
 namespace {
 
-using u64 = uint64_t;
+using privatekeras::CheckStream;
+using privatekeras::ForRange;
+using privatekeras::u64;
 
 // Bits 0, 2, 4, ... of x packed into its low half, in order.
 inline u64 Even(u64 x) {
@@ -99,13 +88,12 @@ inline u64 Load(const T* p, int64_t i) {
 // Words of a stream that n masks of `bits` bits use.
 int64_t MaskWords(int64_t n, int bits) { return (n * bits + 63) / 64; }
 
-Status CheckStream(const Tensor& f, int64_t offset, int64_t words) {
-  if (f.dtype() != tensorflow::DT_INT64 || f.NumElements() < offset + words) {
-    return tensorflow::errors::InvalidArgument("a PRF stream must hold at least ",
-                                               offset + words, " int64 words, got ",
-                                               f.NumElements());
-  }
-  return Status();
+// Both of a party's PRF streams (f0: with the previous party, f1: with the next) hold the
+// words [offset, offset + words) that op `op` reads.
+Status CheckStreams(const char* op, const Tensor& f0, const Tensor& f1, int64_t offset,
+                    int64_t words) {
+  TF_RETURN_IF_ERROR(CheckStream(op, "f0", f0, offset, words));
+  return CheckStream(op, "f1", f1, offset, words);
 }
 
 // Element e's mask of `bits` bits (bits divides 64) from the streams, from word `base`.
@@ -113,16 +101,6 @@ inline u64 MaskBits(const int64_t* f0, const int64_t* f1, int64_t e, int bits) {
   const int64_t bit = e * bits;
   const u64 w = static_cast<u64>(f0[bit >> 6]) ^ static_cast<u64>(f1[bit >> 6]);
   return bits == 64 ? w : (w >> (bit & 63)) & Mask(bits);
-}
-
-template <typename F>
-void ForRange(OpKernelContext* ctx, int64_t n, int64_t cost, F f) {
-  const auto* threads = ctx->device()->tensorflow_cpu_worker_threads();
-  if (n < (1 << 14) || threads == nullptr) {
-    f(0, n);
-    return;
-  }
-  tensorflow::Shard(threads->num_threads, threads->workers, n, cost, f);
 }
 
 class PkCarryBeginOp : public OpKernel {
@@ -145,8 +123,7 @@ class PkCarryBeginOp : public OpKernel {
       OP_REQUIRES(ctx, t->shape() == xa.shape(),
                   tensorflow::errors::InvalidArgument("the shares must have one shape"));
     }
-    OP_REQUIRES_OK(ctx, CheckStream(f0, offset_, MaskWords(n, 64)));
-    OP_REQUIRES_OK(ctx, CheckStream(f1, offset_, MaskWords(n, 64)));
+    OP_REQUIRES_OK(ctx, CheckStreams("PkCarryBegin", f0, f1, offset_, MaskWords(n, 64)));
     Tensor* z = nullptr;
     Tensor* keep = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, xa.shape(), &z));
@@ -265,8 +242,7 @@ class PkCarryLevelOp : public OpKernel {
     const int64_t n = zo.NumElements();
     OP_REQUIRES(ctx, zn.shape() == zo.shape() && keep.NumElements() == 2 * n,
                 tensorflow::errors::InvalidArgument("z and keep do not match"));
-    OP_REQUIRES_OK(ctx, CheckStream(f0, offset_, MaskWords(n, k_)));
-    OP_REQUIRES_OK(ctx, CheckStream(f1, offset_, MaskWords(n, k_)));
+    OP_REQUIRES_OK(ctx, CheckStreams("PkCarryLevel", f0, f1, offset_, MaskWords(n, k_)));
     Tensor* z = nullptr;
     Tensor* kout = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, zo.shape(), &z));
@@ -383,8 +359,7 @@ class PkMsbShareOp : public OpKernel {
     const int64_t n = shape_.num_elements();
     const Tensor& f0 = ctx->input(nx_);
     const Tensor& f1 = ctx->input(nx_ + 1);
-    OP_REQUIRES_OK(ctx, CheckStream(f0, offset_, n));
-    OP_REQUIRES_OK(ctx, CheckStream(f1, offset_, n));
+    OP_REQUIRES_OK(ctx, CheckStreams("PkMsbShare", f0, f1, offset_, n));
     const int64_t* x0 = nullptr;
     const int64_t* x1 = nullptr;
     if (nx_ == 2) {
@@ -437,8 +412,7 @@ class PkMsbBeginOp : public OpKernel {
       OP_REQUIRES(ctx, t->shape() == co.shape(),
                   tensorflow::errors::InvalidArgument("the shares must have one shape"));
     }
-    OP_REQUIRES_OK(ctx, CheckStream(f0, offset_, n));
-    OP_REQUIRES_OK(ctx, CheckStream(f1, offset_, n));
+    OP_REQUIRES_OK(ctx, CheckStreams("PkMsbBegin", f0, f1, offset_, n));
     TensorShape two({2});
     two.AppendShape(co.shape());
     Tensor *z = nullptr, *keep = nullptr, *top = nullptr;
@@ -492,9 +466,9 @@ inline int64_t ToNextWords(int role, int64_t n) { return role == 0 ? 2 * n : rol
 inline int64_t ToPrevWords(int role, int64_t n) { return role == 0 ? 2 * n : role == 2 ? n : 0; }
 constexpr int kTerms = 2;
 
-Status SelectStreams(const Tensor& f0, const Tensor& f1, int64_t offset, int64_t n) {
-  TF_RETURN_IF_ERROR(CheckStream(f0, offset, 3 * kTerms * n));
-  return CheckStream(f1, offset, 3 * kTerms * n);
+Status SelectStreams(const char* op, const Tensor& f0, const Tensor& f1, int64_t offset,
+                     int64_t n) {
+  return CheckStreams(op, f0, f1, offset, 3 * kTerms * n);
 }
 
 class PkReluSendOp : public OpKernel {
@@ -519,7 +493,7 @@ class PkReluSendOp : public OpKernel {
                      zn.NumElements() == n && keep.NumElements() == 2 * n &&
                      top.NumElements() == 2 * n,
                 tensorflow::errors::InvalidArgument("the carry and the shares do not match"));
-    OP_REQUIRES_OK(ctx, SelectStreams(f0, f1, offset_, n));
+    OP_REQUIRES_OK(ctx, SelectStreams("PkReluSend", f0, f1, offset_, n));
     int64_t next_words = 0, prev_words = 0;
     for (int t = 0; t < kTerms; ++t) {
       next_words += ToNextWords(Role(party_, t), n);
@@ -610,7 +584,7 @@ class PkReluFinishOp : public OpKernel {
                     "the selection's messages have ", from_prev.NumElements(), " and ",
                     from_next.NumElements(), " words; expected ", prev_words, " and ",
                     next_words));
-    OP_REQUIRES_OK(ctx, SelectStreams(f0, f1, offset_, n));
+    OP_REQUIRES_OK(ctx, SelectStreams("PkReluFinish", f0, f1, offset_, n));
     Tensor *yo = nullptr, *yn = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &yo));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, shape, &yn));

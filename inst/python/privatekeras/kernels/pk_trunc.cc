@@ -15,7 +15,7 @@
 //            P1  PkTruncOpen(x_2, deal)                 -> c1                 (P1 -> P0)
 //   round 2  P1  PkTruncReply(x_2, deal, c0, f_next)    -> t1, y2             (t1: P1 -> P0)
 //            P0  PkTruncFinish(c0, c1, f_prev)          -> t0, y0 - 2^(lift-f) (t0: P0 -> P1)
-//   then     P0, P1  PkTruncJoin(t_own, t_other)        -> t = t0 + t1
+//   then     P0, P1  t = t0 + t1 (TensorFlow's add of its own t and the one received)
 //
 // The protocol. Write m = 2^63 and top = 63 - amount. P2 draws r uniformly; its top bit is
 // r_msb = r >> 63 and s = (r mod m) >> amount. P0 and P1 hold two-party arithmetic sharings
@@ -51,27 +51,13 @@
 //
 // Built into pk_ops.so by privatekeras.kernels.build().
 
-#include <cstdint>
-
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/framework/tensor_shape.h"
-#include "tensorflow/core/util/work_sharder.h"
-
-using tensorflow::DEVICE_CPU;
-using tensorflow::OpKernel;
-using tensorflow::OpKernelConstruction;
-using tensorflow::OpKernelContext;
-using tensorflow::Status;
-using tensorflow::Tensor;
-using tensorflow::TensorShape;
-using tensorflow::shape_inference::InferenceContext;
-using tensorflow::shape_inference::ShapeHandle;
+#include "pk_common.h"
 
 namespace {
 
-using u64 = uint64_t;
+using privatekeras::CheckStream;
+using privatekeras::ForRange;
+using privatekeras::u64;
 
 constexpr int kLowRows = 4;   // rows of the P0-P2 range: r0, s0, m0, y0
 constexpr int kHighRows = 1;  // rows of the P1-P2 range: y2
@@ -80,29 +66,6 @@ constexpr int kDealRows = 3;  // r1, s1, m1
 // Ring arithmetic mod 2^64 on the two's-complement words.
 inline u64 Word(const int64_t* p, int64_t i) { return static_cast<u64>(p[i]); }
 inline int64_t Signed(u64 v) { return static_cast<int64_t>(v); }
-
-// Split elements [0, n) over TensorFlow's CPU worker threads when n is large.
-template <typename F>
-void TruncFor(OpKernelContext* ctx, int64_t n, int64_t cost, F f) {
-  const auto* threads = ctx->device()->tensorflow_cpu_worker_threads();
-  if (n < (1 << 14) || threads == nullptr) {
-    f(0, n);
-    return;
-  }
-  tensorflow::Shard(threads->num_threads, threads->workers, n, cost, f);
-}
-
-// A PRF stream must be int64 and hold words [offset, offset + rows * n).
-Status CheckTruncStream(const char* op, const char* name, const Tensor& f, int64_t offset,
-                        int rows, int64_t n) {
-  const int64_t need = offset + rows * n;
-  if (f.dtype() != tensorflow::DT_INT64 || f.NumElements() < need) {
-    return tensorflow::errors::InvalidArgument(
-        op, ": the PRF stream ", name, " must hold at least ", need, " int64 words (offset ",
-        offset, " + ", rows, " x ", n, " elements), got ", f.NumElements());
-  }
-  return Status();
-}
 
 Status CheckShape(const char* op, const char* name, const Tensor& t, const TensorShape& want) {
   if (t.shape() != want) {
@@ -168,8 +131,9 @@ class PkTruncDealOp : public OpKernel {
     const Tensor& fp = ctx->input(1);  // with P1
     const Tensor& fn = ctx->input(2);  // with P0
     const int64_t n = r_t.NumElements();
-    OP_REQUIRES_OK(ctx, CheckTruncStream("PkTruncDeal", "f_prev", fp, offset_prev_, kHighRows, n));
-    OP_REQUIRES_OK(ctx, CheckTruncStream("PkTruncDeal", "f_next", fn, offset_next_, kLowRows, n));
+    OP_REQUIRES_OK(ctx, CheckStream("PkTruncDeal", "f_prev", fp, offset_prev_,
+                                    kHighRows * n));
+    OP_REQUIRES_OK(ctx, CheckStream("PkTruncDeal", "f_next", fn, offset_next_, kLowRows * n));
     Tensor* deal_t = nullptr;
     Tensor* own_t = nullptr;
     Tensor* next_t = nullptr;
@@ -184,7 +148,7 @@ class PkTruncDealOp : public OpKernel {
     int64_t* y0 = next_t->flat<int64_t>().data();
     const int amount = attrs_.amount;
     const u64 unlift = attrs_.Unlift();
-    TruncFor(ctx, n, 16, [&](int64_t a, int64_t b) {
+    ForRange(ctx, n, 16, [&](int64_t a, int64_t b) {
       for (int64_t e = a; e < b; ++e) {
         const u64 rv = Word(r, e);
         const u64 s = (rv & ~(u64{1} << 63)) >> amount;
@@ -219,7 +183,7 @@ class PkTruncMaskOp : public OpKernel {
     const Tensor& f = ctx->input(2);
     const int64_t n = xo.NumElements();
     OP_REQUIRES_OK(ctx, CheckShape("PkTruncMask", "x_next", xn, xo.shape()));
-    OP_REQUIRES_OK(ctx, CheckTruncStream("PkTruncMask", "f_prev", f, offset_, 1, n));
+    OP_REQUIRES_OK(ctx, CheckStream("PkTruncMask", "f_prev", f, offset_, n));
     Tensor* c_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, xo.shape(), &c_t));
     const int64_t* a = xo.flat<int64_t>().data();
@@ -227,7 +191,7 @@ class PkTruncMaskOp : public OpKernel {
     const int64_t* r0 = f.flat<int64_t>().data() + offset_;  // row 0 of the P0-P2 range
     int64_t* c = c_t->flat<int64_t>().data();
     const u64 lift = u64{1} << attrs_.lift;
-    TruncFor(ctx, n, 6, [&](int64_t lo, int64_t hi) {
+    ForRange(ctx, n, 6, [&](int64_t lo, int64_t hi) {
       for (int64_t e = lo; e < hi; ++e) {
         c[e] = Signed(Word(a, e) + Word(b, e) + lift + Word(r0, e));
       }
@@ -257,7 +221,7 @@ class PkTruncOpenOp : public OpKernel {
     const int64_t* x2 = x2_t.flat<int64_t>().data();
     const int64_t* deal = deal_t.flat<int64_t>().data();  // row 0: r1
     int64_t* c1 = c1_t->flat<int64_t>().data();
-    TruncFor(ctx, n, 3, [&](int64_t lo, int64_t hi) {
+    ForRange(ctx, n, 3, [&](int64_t lo, int64_t hi) {
       for (int64_t e = lo; e < hi; ++e) c1[e] = Signed(Word(x2, e) + Word(deal, e));
     });
   }
@@ -282,7 +246,7 @@ class PkTruncReplyOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckShape("PkTruncReply", "the dealer message", deal_t,
                                    WithRows(kDealRows, x2_t.shape())));
     OP_REQUIRES_OK(ctx, CheckShape("PkTruncReply", "c0", c0_t, x2_t.shape()));
-    OP_REQUIRES_OK(ctx, CheckTruncStream("PkTruncReply", "f_next", f, offset_, kHighRows, n));
+    OP_REQUIRES_OK(ctx, CheckStream("PkTruncReply", "f_next", f, offset_, kHighRows * n));
     Tensor* t1_t = nullptr;
     Tensor* y2_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x2_t.shape(), &t1_t));
@@ -295,7 +259,7 @@ class PkTruncReplyOp : public OpKernel {
     int64_t* y2 = y2_t->flat<int64_t>().data();
     const TruncAttrs at = attrs_;
     const u64 top = at.Top();
-    TruncFor(ctx, n, 16, [&](int64_t lo, int64_t hi_e) {
+    ForRange(ctx, n, 16, [&](int64_t lo, int64_t hi_e) {
       for (int64_t e = lo; e < hi_e; ++e) {
         const u64 c1 = Word(x2, e) + Word(deal, e);
         const u64 c = Word(c0, e) + c1;
@@ -329,7 +293,7 @@ class PkTruncFinishOp : public OpKernel {
     const Tensor& f = ctx->input(2);
     const int64_t n = c0_t.NumElements();
     OP_REQUIRES_OK(ctx, CheckShape("PkTruncFinish", "c1", c1_t, c0_t.shape()));
-    OP_REQUIRES_OK(ctx, CheckTruncStream("PkTruncFinish", "f_prev", f, offset_, kLowRows, n));
+    OP_REQUIRES_OK(ctx, CheckStream("PkTruncFinish", "f_prev", f, offset_, kLowRows * n));
     Tensor* t0_t = nullptr;
     Tensor* own_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, c0_t.shape(), &t0_t));
@@ -341,7 +305,7 @@ class PkTruncFinishOp : public OpKernel {
     int64_t* y0 = own_t->flat<int64_t>().data();
     const TruncAttrs at = attrs_;
     const u64 top = at.Top(), unlift = at.Unlift();
-    TruncFor(ctx, n, 16, [&](int64_t a, int64_t b) {
+    ForRange(ctx, n, 16, [&](int64_t a, int64_t b) {
       for (int64_t e = a; e < b; ++e) {
         const u64 c = Word(c0, e) + Word(c1, e);
         const u64 s0 = Word(lo, n + e), m0 = Word(lo, 2 * n + e), y = Word(lo, 3 * n + e);
@@ -357,29 +321,6 @@ class PkTruncFinishOp : public OpKernel {
  private:
   TruncAttrs attrs_;
   int64_t offset_;
-};
-
-// ---------------------------------------------------------------------------------------
-// P0 and P1, after round 2: t = t0 + t1 (its own t and the one it received).
-
-class PkTruncJoinOp : public OpKernel {
- public:
-  explicit PkTruncJoinOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& own_t = ctx->input(0);
-    const Tensor& other_t = ctx->input(1);
-    const int64_t n = own_t.NumElements();
-    OP_REQUIRES_OK(ctx, CheckShape("PkTruncJoin", "t_other", other_t, own_t.shape()));
-    Tensor* t_t = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, own_t.shape(), &t_t));
-    const int64_t* a = own_t.flat<int64_t>().data();
-    const int64_t* b = other_t.flat<int64_t>().data();
-    int64_t* t = t_t->flat<int64_t>().data();
-    TruncFor(ctx, n, 3, [&](int64_t lo, int64_t hi) {
-      for (int64_t e = lo; e < hi; ++e) t[e] = Signed(Word(a, e) + Word(b, e));
-    });
-  }
 };
 
 // Shape functions.
@@ -475,20 +416,8 @@ REGISTER_OP("PkTruncFinish")
       return Status();
     });
 
-REGISTER_OP("PkTruncJoin")
-    .Input("t_own: int64")
-    .Input("t_other: int64")
-    .Output("t: int64")
-    .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle merged;
-      TF_RETURN_IF_ERROR(c->Merge(c->input(0), c->input(1), &merged));
-      c->set_output(0, merged);
-      return Status();
-    });
-
 REGISTER_KERNEL_BUILDER(Name("PkTruncDeal").Device(DEVICE_CPU), PkTruncDealOp);
 REGISTER_KERNEL_BUILDER(Name("PkTruncMask").Device(DEVICE_CPU), PkTruncMaskOp);
 REGISTER_KERNEL_BUILDER(Name("PkTruncOpen").Device(DEVICE_CPU), PkTruncOpenOp);
 REGISTER_KERNEL_BUILDER(Name("PkTruncReply").Device(DEVICE_CPU), PkTruncReplyOp);
 REGISTER_KERNEL_BUILDER(Name("PkTruncFinish").Device(DEVICE_CPU), PkTruncFinishOp);
-REGISTER_KERNEL_BUILDER(Name("PkTruncJoin").Device(DEVICE_CPU), PkTruncJoinOp);

@@ -343,23 +343,12 @@ def _fused_relu(prot, v, x):
 
     module = loader.load()
     n = int(x.shape.num_elements())
-    widths = [64, 64] + [64 >> j for j in range(CARRY_LEVELS)]  # share, begin, levels
-    starts = [0]
-    for bits in widths:
-        starts.append(starts[-1] + -(-n * bits // 64))
+    # share, begin, the levels, then the selection's 6n words
+    starts = word_ranges(n, [64, 64] + [64 >> j for j in range(CARRY_LEVELS)])
     select_at = starts[-1]
-    words = [select_at + 6 * n]
     vs, xs = v.unwrapped, x.unwrapped
     with tf.name_scope("relu"):
-        keys, nonces = prot.pairwise_keys(), prot.pairwise_nonces()
-        f = []
-        for i in range(3):
-            with tf.device(prot.servers[i].device_name):
-                f.append([int64factory.sample_seeded_uniform(
-                    words, seed=keys[i][0] + nonces[(i + 2) % 3]).value,
-                    int64factory.sample_seeded_uniform(
-                        words, seed=keys[i][1] + nonces[i]).value])
-        prot._update_pairwise_nonces()
+        f = pairwise_streams(prot, select_at + 6 * n)
         c = []
         for i in range(3):
             with tf.device(prot.servers[i].device_name):
@@ -474,20 +463,8 @@ def _use_fused_carry(module, aby3_mod):
             # Each party's two pairwise-PRF streams, as ABY3's zero-sharing draws them
             # (party i: its keys with parties i-1 and i+1, under this call's nonces), one
             # range per AND round, of as many bits per element as the round's width.
-            keys, nonces = prot.pairwise_keys(), prot.pairwise_nonces()
-            widths = [64] + [64 >> j for j in range(CARRY_LEVELS)]  # begin, then the levels
-            starts = [0]
-            for bits in widths:
-                starts.append(starts[-1] + -(-n * bits // 64))
-            words = [starts[-1]]
-            f = []
-            for i in range(3):
-                with tf.device(prot.servers[i].device_name):
-                    f.append([int64factory.sample_seeded_uniform(
-                        words, seed=keys[i][0] + nonces[(i + 2) % 3]).value,
-                        int64factory.sample_seeded_uniform(
-                            words, seed=keys[i][1] + nonces[i]).value])
-            prot._update_pairwise_nonces()
+            starts = word_ranges(n, [64] + [64 >> j for j in range(CARRY_LEVELS)])
+            f = pairwise_streams(prot, starts[-1])  # begin, then the levels
             z, keep = [None] * 3, [None] * 3
             for i in range(3):
                 with tf.device(prot.servers[i].device_name):
@@ -516,6 +493,41 @@ def _use_fused_carry(module, aby3_mod):
     carry._privatekeras_fused = True
     TFE_ORIGINALS["carry_computation"] = tfe_carry
     aby3_mod._carry_computation = carry
+
+
+def word_ranges(n, widths):
+    """Where consecutive uses of a PRF stream start: one range per entry of ``widths`` (bits
+    per element, dividing 64) of ``n`` elements; the last start is the words they all take."""
+    starts = [0]
+    for bits in widths:
+        starts.append(starts[-1] + -(-n * bits // 64))
+    return starts
+
+
+def pairwise_stream(prot, i, side, words):
+    """Party ``i``'s pairwise-PRF stream with its previous (``side`` 0) or next (1) party:
+    ``words`` int64 words under this call's nonce of that pair, as ABY3's zero-sharing draws
+    them, so both parties of the pair read the same words. The caller places it on party
+    ``i``'s device and, after all of its draws, advances the nonces once
+    (``prot._update_pairwise_nonces()``)."""
+    from tf_encrypted.tensor import int64factory
+
+    keys, nonces = prot.pairwise_keys(), prot.pairwise_nonces()
+    nonce = nonces[(i + 2) % 3] if side == 0 else nonces[i]
+    return int64factory.sample_seeded_uniform([words], seed=keys[i][side] + nonce).value
+
+
+def pairwise_streams(prot, words):
+    """Both pairwise-PRF streams of every party, ``words`` words each, drawn on its device,
+    and the nonces advanced: ``[[f0, f1]]`` per party (f0 with the previous party)."""
+    import tensorflow as tf
+
+    f = []
+    for i in range(3):
+        with tf.device(prot.servers[i].device_name):
+            f.append([pairwise_stream(prot, i, 0, words), pairwise_stream(prot, i, 1, words)])
+    prot._update_pairwise_nonces()
+    return f
 
 
 def secure_randomness_active():

@@ -21,7 +21,7 @@ The parties, with replicated shares x = x_0 + x_1 + x_2 (party i holds x_i, x_{i
 - Round 2. P1 (``PkTruncReply``): its share of the truncation y'1 = -s1 + b1 * 2^(63-f)
   (b1 = c_msb ? -m1 : m1), sends P0 t1 = y'1 - y2. P0 (``PkTruncFinish``):
   y'0 = ((c mod 2^63) >> f) - s0 + b0 * 2^(63-f) (b0 = c_msb ? 1 - m0 : m0), sends P1
-  t0 = y'0 - y0. Each adds the t it received to its own (``PkTruncJoin``): P0's shares are
+  t0 = y'0 - y0. Each adds the t it received to its own: P0's shares are
   (y0 - 2^(62-f), t0 + t1), P1's (t0 + t1, y2), P2's (y2, y0 - 2^(62-f)) from its own
   draws: nothing is sent to P2.
 
@@ -59,7 +59,7 @@ def truncate(prot, x):
     ``prot.truncate(x)``: the same ring lift (precondition |x| < 2^62) and the same protocol,
     on the fused kernels (see the module docstring). Anything else goes to
     ``prot.truncate``."""
-    from .tfe_compat import import_tfe
+    from .tfe_compat import import_tfe, pairwise_stream
 
     import_tfe()
     amount = int(prot.fixedpoint_config.precision_fractional)
@@ -74,21 +74,13 @@ def truncate(prot, x):
     xs = x.unwrapped
     device = [prot.servers[i].device_name for i in range(3)]
     with tf.name_scope("truncate-fused"):
-        keys, nonces = prot.pairwise_keys(), prot.pairwise_nonces()
-
-        def draw(i, j, words):
-            # Party i's stream with its previous (j = 0) or next (j = 1) party: ABY3's
-            # pairwise PRF, under the nonce of that pair (as the zero-sharing draws it).
-            nonce = nonces[(i + 2) % 3] if j == 0 else nonces[i]
-            return int64factory.sample_seeded_uniform([words], seed=keys[i][j] + nonce).value
-
         with tf.device(device[0]):
-            f02_on_0 = draw(0, 0, LOW_ROWS * n)  # with P2
+            f02_on_0 = pairwise_stream(prot, 0, 0, LOW_ROWS * n)  # with P2
         with tf.device(device[1]):
-            f12_on_1 = draw(1, 1, HIGH_ROWS * n)  # with P2
+            f12_on_1 = pairwise_stream(prot, 1, 1, HIGH_ROWS * n)  # with P2
         with tf.device(device[2]):
-            f12_on_2 = draw(2, 0, HIGH_ROWS * n)  # with P1
-            f02_on_2 = draw(2, 1, LOW_ROWS * n)  # with P0
+            f12_on_2 = pairwise_stream(prot, 2, 0, HIGH_ROWS * n)  # with P1
+            f02_on_2 = pairwise_stream(prot, 2, 1, LOW_ROWS * n)  # with P0
             r = int64factory.sample_uniform(x.shape).value  # P2's private randomness
         prot._update_pairwise_nonces()
 
@@ -109,9 +101,9 @@ def truncate(prot, x):
         with tf.device(device[0]):
             t0, y0_on_0 = ops.pk_trunc_finish(c0, c1, f02_on_0, amount=amount, lift=LIFT,
                                               offset=0)
-            t_on_0 = ops.pk_trunc_join(t0, t1)
+            t_on_0 = t0 + t1
         with tf.device(device[1]):
-            t_on_1 = ops.pk_trunc_join(t1, t0)
+            t_on_1 = t1 + t0
 
         def wrap(v):
             return int64factory.tensor(v, encode=False)
