@@ -240,18 +240,20 @@ struct PatchA {
   int64_t h, w, kh, kw, sh, sw, pad_top, pad_left, out_h, out_w;
 
   void Pack(int64_t M, int64_t i0, int mr, int64_t k0, int64_t kc, u64* out) const {
-    // Where each row's window starts.
-    int64_t n_[32], y_[32], x_[32];
+    // Each row's image n and window corner (y0, x0), and whether the whole window lies
+    // inside the image (no padding to check).
+    int64_t n_[32], y0[32], x0[32], row[32];
+    bool live[32], inside[32];
+    const int64_t hw = h * w;
     for (int r = 0; r < mr; ++r) {
       const int64_t i = i0 + r;
-      if (i >= M) {
-        n_[r] = -1;
-        continue;
-      }
+      live[r] = i < M;
+      if (!live[r]) continue;
       const int64_t p = i % (out_h * out_w);
       n_[r] = i / (out_h * out_w);
-      y_[r] = (p / out_w) * sh - pad_top;
-      x_[r] = (p % out_w) * sw - pad_left;
+      y0[r] = (p / out_w) * sh - pad_top;
+      x0[r] = (p % out_w) * sw - pad_left;
+      inside[r] = y0[r] >= 0 && y0[r] + kh <= h && x0[r] >= 0 && x0[r] + kw <= w;
     }
     int64_t k = k0;
     size_t t = 0;
@@ -261,20 +263,33 @@ struct PatchA {
       const int64_t start = t == 0 ? 0 : parts[t - 1].k_end;
       const int64_t C = part.channels;
       const int64_t stop = std::min(k0 + kc, part.k_end);
+      // Row r's window corner in x, channel 0; depth k adds `off` to it.
+      for (int r = 0; r < mr; ++r) {
+        if (live[r]) {
+          row[r] = nchw ? n_[r] * C * hw + y0[r] * w + x0[r]
+                        : ((n_[r] * h + y0[r]) * w + x0[r]) * C;
+        }
+      }
+      // Depth q = (dy * kw + dx) * C + c, walked without a division per step.
+      const int64_t q = k - start;
+      int64_t c = q % C, dx = (q / C) % kw, dy = q / (C * kw);
       for (; k < stop; ++k) {
-        const int64_t q = k - start;
-        const int64_t c = q % C, dx = (q / C) % kw, dy = q / (C * kw);
+        const int64_t off = nchw ? c * hw + dy * w + dx : (dy * w + dx) * C + c;
         u64* o = out + (k - k0) * mr;
         for (int r = 0; r < mr; ++r) {
           u64 v = 0;
-          if (n_[r] >= 0) {
-            const int64_t yy = y_[r] + dy, xx = x_[r] + dx;
-            if (yy >= 0 && yy < h && xx >= 0 && xx < w) {
-              v = nchw ? part.x[((n_[r] * C + c) * h + yy) * w + xx]
-                       : part.x[((n_[r] * h + yy) * w + xx) * C + c];
-            }
+          if (live[r] && (inside[r] || (y0[r] + dy >= 0 && y0[r] + dy < h &&
+                                         x0[r] + dx >= 0 && x0[r] + dx < w))) {
+            v = part.x[row[r] + off];
           }
           o[r] = v;
+        }
+        if (++c == C) {
+          c = 0;
+          if (++dx == kw) {
+            dx = 0;
+            ++dy;
+          }
         }
       }
       ++t;

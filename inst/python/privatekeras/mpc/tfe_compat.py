@@ -301,7 +301,7 @@ def relu(prot, x):
 
 def _fused_kernels_on():
     """True when TF Encrypted runs on the fused kernels (``PRIVATEKERAS_FUSED_CARRY`` unset
-    or not 0 when it was imported): the carry circuit and ReLU."""
+    or not 0 when it was imported): the carry circuit, ReLU and the products' truncation."""
     import tf_encrypted.protocol.aby3.aby3 as aby3_mod
 
     return getattr(aby3_mod._carry_computation, "_privatekeras_fused", False)
@@ -322,12 +322,13 @@ def _fused_relu(prot, v, x):
     injection) on the fused kernels of pk_fused.cc, one op per party per round:
 
     ========================  =========================================  ================
-    round (message i -> i-1)   op on party i                              PRF words read
+    round (party i sends)      op on party i                              PRF words read
     ========================  =========================================  ================
-    1  u's boolean sharing     PkMsbShare: u ^ a_0 (party 0) or a_i        [0, n)
-    2  the first AND           PkMsbBegin (w = -v_2 needs no message)      [n, 2n)
+    1  u's boolean sharing     PkMsbShare: u ^ a_0 (party 0; u is          [0, n)
+       (to i - 1)              -(v_0 + v_1)) or a_i (a: a zero-sharing)
+    2  the first AND (i - 1)   PkMsbBegin (w = -v_2 needs no message)      [n, 2n)
     3-8  six carry levels      PkCarryLevel, 64 -> 2 bits                  n + n/2 + ...
-    9  the OT messages         PkReluSend (i -> i+1 and i -> i-1)          6n
+    9  the OT messages         PkReluSend (to i + 1 and to i - 1)          6n
     -  the result's shares     PkReluFinish (local)                        (same 6n)
     ========================  =========================================  ================
 
