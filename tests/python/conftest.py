@@ -101,6 +101,16 @@ def aby3_check(body, seed):
     return "SEED = {}\n{}\n{}".format(int(seed), ABY3_PRELUDE, body)
 
 
+def last_line_per_setting(code, variable, wants, timeout=300):
+    """Run ``code`` in a fresh Python once for each value of the environment ``variable``
+    in ``wants``; the last line each run prints must be ``wants[value]``."""
+    for value, want in wants.items():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(child_env(), **{variable: value}), timeout=timeout)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == want, (variable, value)
+
+
 def run_checks(code, timeout, **env):
     """Run ``code`` in a fresh Python (privatekeras on its path, ``env`` added to its
     environment); it prints ``ALL`` when every one of its checks held, ``MISMATCH``

@@ -4,13 +4,11 @@ own circuit and the carries of Python integers, for every position the fused pat
 ReLU built on it is exact; each level's message is masked with its share of a zero-sharing
 read from its own, non-overlapping bits of the pairwise-PRF streams."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import aby3_check, child_env, run_checks
+from conftest import aby3_check, last_line_per_setting, run_checks
 
 PROTOCOL = aby3_check('''
 from privatekeras.mpc.tfe_compat import TFE_ORIGINALS
@@ -123,9 +121,4 @@ def test_fused_carry_can_be_turned_off():
     code = ("from privatekeras.mpc.tfe_compat import import_tfe\nimport_tfe()\n"
             "from tf_encrypted.protocol.aby3 import aby3\n"
             "print(getattr(aby3._carry_computation, '_privatekeras_fused', False))\n")
-    for value, want in (("0", "False"), ("1", "True")):
-        env = dict(child_env(), PRIVATEKERAS_FUSED_CARRY=value)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.strip().splitlines()[-1] == want
+    last_line_per_setting(code, "PRIVATEKERAS_FUSED_CARRY", {"0": "False", "1": "True"})
