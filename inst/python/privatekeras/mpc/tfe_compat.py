@@ -289,7 +289,7 @@ def relu(prot, x):
     product is re-shared and runs alongside the truncation (two rounds) instead of after it.
     The heuristic truncation already requires |x| * 2^2f < 2^62, so its sign bit is right."""
     exact = getattr(x, EXACT, None)
-    if _fused_kernels_on() and _fusable(x) and (exact is None or _fusable(exact, x.shape)):
+    if _fused_kernels_on() and fusable(x) and (exact is None or fusable(exact, x.shape)):
         return _fused_relu(prot, x if exact is None else exact, x)
     if exact is None:
         return prot.relu(x)
@@ -307,7 +307,9 @@ def _fused_kernels_on():
     return getattr(aby3_mod._carry_computation, "_privatekeras_fused", False)
 
 
-def _fusable(t, shape=None):
+def fusable(t, shape=None):
+    """True for a private ABY3 tensor the fused kernels take: arithmetic, int64 shares, a
+    fully defined shape (``shape``, when given)."""
     from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor, ShareType
     from tf_encrypted.tensor import int64factory
 
@@ -362,17 +364,7 @@ def _fused_relu(prot, v, x):
                 z[i], keep[i], top[i] = module.pk_msb_begin(
                     c[i], c[(i + 1) % 3], vs[i][0].value, vs[i][1].value, f[i][0], f[i][1],
                     party=i, offset=starts[1])
-        k, level = 64, 2
-        while k > 1:
-            out_dtype = {64: tf.int64, 32: tf.int32, 16: tf.int16}.get(k, tf.int8)
-            new = [None] * 3
-            for i in range(3):
-                with tf.device(prot.servers[i].device_name):
-                    new[i] = module.pk_carry_level(
-                        z[i], z[(i + 1) % 3], keep[i], f[i][0], f[i][1], k=k,
-                        first=k == 64, offset=starts[level], Tout=out_dtype)
-            z, keep = [t[0] for t in new], [t[1] for t in new]
-            k, level = k // 2, level + 1
+        z, keep = _carry_levels(module, prot, z, keep, f, starts[2:])
         sent = []
         for i in range(3):
             with tf.device(prot.servers[i].device_name):
@@ -433,6 +425,7 @@ def sum_pool_private(prot, x, pool_size, strides):
 # PRIVATEKERAS_FUSED_CARRY=0 keeps TF Encrypted's own carry circuit (for comparisons).
 FUSED_ENV = "PRIVATEKERAS_FUSED_CARRY"
 CARRY_LEVELS = 6  # 64 -> 32 -> ... -> 1 bits
+_LEVEL_DTYPE = {64: "int64", 32: "int32", 16: "int16"}  # a level's output; int8 below 16
 
 
 def _use_fused_carry(module, aby3_mod):
@@ -447,8 +440,6 @@ def _use_fused_carry(module, aby3_mod):
     tfe_carry = aby3_mod._carry_computation
     if getattr(tfe_carry, "_privatekeras_fused", False):
         return
-    width_dtype = {64: tf.int64, 32: tf.int32, 16: tf.int16}
-
     def carry(prot, x, y, pos=None):
         if not (isinstance(x, ABY3PrivateTensor) and isinstance(y, ABY3PrivateTensor)
                 and x.backing_dtype is int64factory and y.backing_dtype is int64factory
@@ -472,17 +463,7 @@ def _use_fused_carry(module, aby3_mod):
                     z[i], keep[i] = module.pk_carry_begin(
                         xs[i][0].value, xs[i][1].value, ys[i][0].value, ys[i][1].value,
                         f[i][0], f[i][1], shift=shift, offset=0)
-            k, level, first = 64, 1, True
-            while k > 1:
-                out_dtype = width_dtype.get(k, tf.int8)
-                new = [None] * 3
-                for i in range(3):  # party i reads the z of party i + 1: one message
-                    with tf.device(prot.servers[i].device_name):
-                        new[i] = module.pk_carry_level(
-                            z[i], z[(i + 1) % 3], keep[i], f[i][0], f[i][1], k=k,
-                            first=first, offset=starts[level], Tout=out_dtype)
-                z, keep = [t[0] for t in new], [t[1] for t in new]
-                k, level, first = k // 2, level + 1, False
+            z, keep = _carry_levels(module, prot, z, keep, f, starts[1:])
             shares = [[None, None], [None, None], [None, None]]
             for i in range(3):
                 with tf.device(prot.servers[i].device_name):
@@ -494,6 +475,25 @@ def _use_fused_carry(module, aby3_mod):
     carry._privatekeras_fused = True
     TFE_ORIGINALS["carry_computation"] = tfe_carry
     aby3_mod._carry_computation = carry
+
+
+def _carry_levels(module, prot, z, keep, f, offsets):
+    """The carry circuit's CARRY_LEVELS levels (64 -> 2 bits wide) after its first AND, one
+    PkCarryLevel per party per level: party i reads the z of party i + 1 (one message) and
+    the masks of level j from word ``offsets[j]`` of its streams ``f[i]``. Returns the last
+    level's z and keep."""
+    import tensorflow as tf
+
+    for level in range(CARRY_LEVELS):
+        k = 64 >> level
+        new = [None] * 3
+        for i in range(3):
+            with tf.device(prot.servers[i].device_name):
+                new[i] = module.pk_carry_level(
+                    z[i], z[(i + 1) % 3], keep[i], f[i][0], f[i][1], k=k, first=level == 0,
+                    offset=offsets[level], Tout=_LEVEL_DTYPE.get(k, "int8"))
+        z, keep = [t[0] for t in new], [t[1] for t in new]
+    return z, keep
 
 
 def word_ranges(n, widths):

@@ -42,28 +42,17 @@ LOW_ROWS = 4  # r0, s0, m0, y0: the P0-P2 stream's words per element
 HIGH_ROWS = 1  # y2: the P1-P2 stream's words per element
 
 
-def _handled(x):
-    import tensorflow as tf
-    from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor, ShareType
-    from tf_encrypted.tensor import int64factory
-
-    return (isinstance(x, ABY3PrivateTensor) and x.share_type == ShareType.ARITHMETIC
-            and x.backing_dtype is int64factory and x.shape.is_fully_defined()
-            and x.shape.num_elements() > 0
-            and all(s.value.dtype == tf.int64 for pair in x.unwrapped for s in pair))
-
-
 def truncate(prot, x):
     """``x`` (a private ABY3 tensor, arithmetic, int64 shares) truncated by
     ``prot.fixedpoint_config.precision_fractional`` bits, as TF Encrypted's heuristic
     ``prot.truncate(x)``: the same ring lift (precondition |x| < 2^62) and the same protocol,
     on the fused kernels (see the module docstring). Anything else goes to
     ``prot.truncate``."""
-    from .tfe_compat import import_tfe, pairwise_stream
+    from .tfe_compat import fusable, import_tfe, pairwise_stream
 
     import_tfe()
     amount = int(prot.fixedpoint_config.precision_fractional)
-    if not (_handled(x) and 1 <= amount <= LIFT):
+    if not (fusable(x) and x.shape.num_elements() > 0 and 1 <= amount <= LIFT):
         return prot.truncate(x)
     import tensorflow as tf
     from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor, ShareType
