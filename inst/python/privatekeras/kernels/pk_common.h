@@ -4,6 +4,8 @@
 //  - the TensorFlow names every kernel uses;
 //  - u64, the ring's words (two's-complement int64 tensors read as mod-2^64 integers);
 //  - ForRange: a kernel's element loop, split over TensorFlow's intra-op threads when large;
+//  - RowsOf: the shape function's [rows] + the shape of an input (a kernel's stacked shares,
+//    masks or messages);
 //  - CheckStream: a PRF stream (int64 words of PkSeededRandomUniform) holds the words a
 //    kernel is about to read, or the kernel refuses with a message naming it.
 
@@ -45,6 +47,11 @@ void ForRange(OpKernelContext* ctx, int64_t n, int64_t cost, F f) {
     return;
   }
   tensorflow::Shard(threads->num_threads, threads->workers, n, cost, f);
+}
+
+// Sets *out to [rows] + the shape of input `input` (in a shape function).
+inline Status RowsOf(InferenceContext* c, int64_t rows, int input, ShapeHandle* out) {
+  return c->Concatenate(c->Vector(rows), c->input(input), out);
 }
 
 // The PRF stream `name` of op `op` is int64 and holds words [offset, offset + words).

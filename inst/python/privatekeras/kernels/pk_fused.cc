@@ -49,6 +49,7 @@ namespace {
 
 using privatekeras::CheckStream;
 using privatekeras::ForRange;
+using privatekeras::RowsOf;
 using privatekeras::u64;
 
 // Bits 0, 2, 4, ... of x packed into its low half, in order.
@@ -629,18 +630,12 @@ class PkReluFinishOp : public OpKernel {
   int64_t offset_;
 };
 
-Status SameAndTwo(InferenceContext* c, int first_output) {
+// Output 0 shaped as input 0, then outputs 1 .. last each [2] + that shape.
+Status SameThenTwos(InferenceContext* c, int last) {
   ShapeHandle two;
-  TF_RETURN_IF_ERROR(c->Concatenate(c->Vector(2), c->input(0), &two));
-  c->set_output(first_output, two);
-  return Status();
-}
-
-Status SameAndKeep(InferenceContext* c) {
-  ShapeHandle keep;
-  TF_RETURN_IF_ERROR(c->Concatenate(c->Vector(2), c->input(0), &keep));
+  TF_RETURN_IF_ERROR(RowsOf(c, 2, 0, &two));
   c->set_output(0, c->input(0));
-  c->set_output(1, keep);
+  for (int k = 1; k <= last; ++k) c->set_output(k, two);
   return Status();
 }
 
@@ -657,7 +652,7 @@ REGISTER_OP("PkCarryBegin")
     .Output("keep: int64")
     .Attr("shift: int")
     .Attr("offset: int")
-    .SetShapeFn(SameAndKeep);
+    .SetShapeFn([](InferenceContext* c) { return SameThenTwos(c, 1); });
 
 REGISTER_OP("PkCarryLevel")
     .Input("z_own: Tin")
@@ -724,11 +719,7 @@ REGISTER_OP("PkMsbBegin")
     .Output("top: int8")
     .Attr("party: int")
     .Attr("offset: int")
-    .SetShapeFn([](InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      TF_RETURN_IF_ERROR(SameAndTwo(c, 1));
-      return SameAndTwo(c, 2);
-    });
+    .SetShapeFn([](InferenceContext* c) { return SameThenTwos(c, 2); });
 
 REGISTER_OP("PkReluSend")
     .Input("z_own: int8")
@@ -748,7 +739,7 @@ REGISTER_OP("PkReluSend")
       c->set_output(0, c->Vector(InferenceContext::kUnknownDim));
       c->set_output(1, c->Vector(InferenceContext::kUnknownDim));
       ShapeHandle two;
-      TF_RETURN_IF_ERROR(c->Concatenate(c->Vector(2), c->input(4), &two));
+      TF_RETURN_IF_ERROR(RowsOf(c, 2, 4, &two));
       c->set_output(2, two);
       return Status();
     });

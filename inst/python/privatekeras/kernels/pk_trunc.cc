@@ -57,6 +57,7 @@ namespace {
 
 using privatekeras::CheckStream;
 using privatekeras::ForRange;
+using privatekeras::RowsOf;
 using privatekeras::u64;
 
 constexpr int kLowRows = 4;   // rows of the P0-P2 range: r0, s0, m0, y0
@@ -324,10 +325,6 @@ class PkTruncFinishOp : public OpKernel {
 };
 
 // Shape functions.
-Status RowsOf(InferenceContext* c, int rows, int input, ShapeHandle* out) {
-  return c->Concatenate(c->Vector(rows), c->input(input), out);
-}
-
 // The input `input` must be [rows] + the shape of input `like`.
 Status MergeRows(InferenceContext* c, int rows, int input, int like) {
   ShapeHandle want, merged;
