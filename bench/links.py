@@ -36,7 +36,7 @@ PY = sys.executable
 SIZE = 64
 HOSTS = {"w0": 1, "w1": 2, "w2": 3}
 NAMES = {"w0": "worker0", "w1": "worker1", "w2": "worker2"}
-COMPUTE = {"w0": 4000, "w1": 4001, "w2": 4002}  # new links (stunnel)
+COMPUTE = {"w0": 4000, "w1": 4002, "w2": 4004}  # new links (stunnel); mesh ports: + 1
 OLD_TF = {"w0": 4100, "w1": 4101, "w2": 4102}   # old relays (privatekeras.tunnel)
 LINK_PORT, OLD_TUNNEL_PORT, DIRECT_PORT = 7000, 7100, 9000
 

@@ -9,7 +9,8 @@ appear only in the second snapshot count from zero.
 Worker processes are recognised by their command line: ``python -m privatekeras worker ...``
 (this release) or ``python -m privatekeras.worker ...`` (the previous one). A worker of this
 release names the three compute ports (its TensorFlow server and its peers') after
-``--compute``; the private step's traffic is what the workers send each other on those ports.
+``--compute`` and the three mesh ports (the links that carry the protocol's messages) after
+``--mesh``; the private step's traffic is what the workers send each other on those ports.
 """
 
 import os
@@ -45,15 +46,15 @@ def is_worker_cmdline(args):
 
 
 def compute_ports(args):
-    """The compute ports named after ``--compute`` in a worker's argument list (empty when
-    there are none, as in the previous release)."""
+    """The worker-to-worker ports named after ``--compute`` and ``--mesh`` in a worker's
+    argument list (empty when there are none, as in the previous release)."""
     args = [a.decode(errors="replace") if isinstance(a, bytes) else a for a in args]
     ports = set()
     for i, arg in enumerate(args):
         value = None
-        if arg == "--compute" and i + 1 < len(args):
+        if arg in ("--compute", "--mesh") and i + 1 < len(args):
             value = args[i + 1]
-        elif arg.startswith("--compute="):
+        elif arg.startswith(("--compute=", "--mesh=")):
             value = arg.split("=", 1)[1]
         if value:
             for address in value.split(","):

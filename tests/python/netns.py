@@ -249,7 +249,8 @@ CLUSTER_HOSTS = {"w0": 1, "w1": 2, "w2": 3, "own": 10, "cli": 11}  # last octets
 WORKERS = ("w0", "w1", "w2")
 NAMES = {"w0": "worker0", "w1": "worker1", "w2": "worker2", "own": "owner", "cli": "alice"}
 API_PORT, LINK_PORT = 5000, 7000
-COMPUTE = {"w0": 4000, "w1": 4001, "w2": 4002}
+COMPUTE = {"w0": 4000, "w1": 4002, "w2": 4004}
+MESH = {h: p + 1 for h, p in COMPUTE.items()}  # the default mesh_port: compute_port + 1
 
 
 def hosts_toml(addresses):

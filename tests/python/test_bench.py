@@ -61,6 +61,8 @@ def test_worker_processes_and_compute_ports_from_the_command_line():
     assert not sockets.is_worker_cmdline(["python", "-m", "privatekeras", "pki"])
     assert sockets.compute_ports(new) == {4100, 4101, 4102}
     assert sockets.compute_ports(["x", "--compute=127.0.0.1:7,[::1]:8"]) == {7, 8}
+    assert sockets.compute_ports(["--compute", "127.0.0.1:7", "--mesh=127.0.0.1:9",
+                                  "--index", "1"]) == {7, 9}
     assert sockets.compute_ports(old) == set()
     assert sockets.cmdline(os.getpid())[0]  # this process
     assert sockets.cmdline(2 ** 22 + 12345) is None

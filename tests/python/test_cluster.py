@@ -35,17 +35,18 @@ def test_start_binds_loopback_only_and_stop_ends_workers():
         assert cluster.running and len(cluster.pids) == 3
         assert "running" in repr(cluster) and "on this machine" in repr(cluster)
         assert set(cluster.pids) <= set(worker_pids())
-        # Each worker listens on two ports, both on loopback only: its API (the address it
-        # was given) and its TensorFlow compute port (which no owner or client is told).
+        # Each worker listens on three ports, all on loopback only: its API (the address it
+        # was given), its TensorFlow compute port and its mesh port (which no owner or client
+        # is told).
         compute = set()
         for host, pid in zip(hosts, cluster.pids):
             api = int(host.split(":")[1])
             sockets = listening_sockets(pid)
             assert sockets and all(is_loopback(f, a) for f, a, _ in sockets), (host, sockets)
             ports = {p for _, _, p in sockets}
-            assert api in ports and len(ports) == 2, (host, sockets)
+            assert api in ports and len(ports) == 3, (host, sockets)
             compute |= ports - {api}
-        assert len(compute) == 3 and not compute & {int(h.split(":")[1]) for h in hosts}
+        assert len(compute) == 6 and not compute & {int(h.split(":")[1]) for h in hosts}
         # The throw-away credentials: a private per-user directory, not a /tmp name.
         creds = local_dir(cluster._local_key())
         assert os.stat(creds).st_mode & 0o777 == 0o700

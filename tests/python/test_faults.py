@@ -152,10 +152,10 @@ def _start_external_workers(hosts):
     from privatekeras.deploy.pki import make_local
 
     make_local(hosts)
-    compute = ",".join("127.0.0.1:{}".format(p)
-                       for p in _free_loopback_ports(3, avoid=_ports(hosts)))
+    free = ["127.0.0.1:{}".format(p) for p in _free_loopback_ports(6, avoid=_ports(hosts))]
     return [Proc("worker_proc.py", ["--hosts", ",".join(hosts), "--index", i,
-                                    "--compute", compute]) for i in range(3)]
+                                    "--compute", ",".join(free[:3]),
+                                    "--mesh", ",".join(free[3:])]) for i in range(3)]
 
 
 def test_model_owner_killed_clients_get_a_clear_error(models, tmp_path):

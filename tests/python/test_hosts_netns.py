@@ -9,8 +9,8 @@ serves; a client (``Cluster.from_config(path, "alice")``) queries it from its ow
 the private logits are compared with plaintext Keras.
 
 Then what must not be possible, each check with a control that shows it can fail:
-* no worker's compute port is reachable from the owner's or the client's host, and nothing
-  but the ``api`` and ``link`` ports listens on a worker's bridge-facing address (``ss``);
+* no worker's compute or mesh port is reachable from the owner's or the client's host, and
+  nothing but the ``api`` and ``link`` ports listens on a worker's bridge-facing address (``ss``);
 * only TLS crosses the bridge: TensorFlow's plaintext gRPC markers, which a capture of
   worker0's loopback does find, appear in no frame on the bridge;
 * a worker's API refuses a client certificate of another CA, a peer with no certificate and
@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from conftest import LOGIT_ATOL, SCRIPTS, TALLY, child_env
-from netns import (API_PORT, CLUSTER_HOSTS, COMPUTE, LINK_PORT, NAMES, WORKERS, Net,
+from netns import (API_PORT, CLUSTER_HOSTS, COMPUTE, LINK_PORT, MESH, NAMES, WORKERS, Net,
                    hosts_toml, is_loopback, netns_unavailable, stunnel_unavailable)
 
 PY = sys.executable
@@ -228,7 +228,7 @@ def test_private_predictions_across_hosts_match_keras_and_only_tls_crosses(hosts
     ports = {int(p) for p in bridge["ports"]}
     assert {API_PORT, LINK_PORT} <= ports, ports  # the API and the links both carried data
     assert all(p in (API_PORT, LINK_PORT) or p >= 32768 for p in ports), ports
-    assert not ports & set(COMPUTE.values()), ports
+    assert not ports & (set(COMPUTE.values()) | set(MESH.values())), ports
     for marker in ("/job:", "device:CPU"):  # the control: the same search finds them in clear
         assert control["markers"][marker] > 0, control
     assert set(PLAINTEXT_MARKERS) <= set(bridge["markers"]), bridge["markers"]
@@ -265,7 +265,7 @@ def _outside(h, w):
 
 def test_no_compute_port_is_reachable_from_the_owner_or_client_host(hosts):
     h = hosts
-    compute = sorted(COMPUTE.values())
+    loopback_ports = sorted(list(COMPUTE.values()) + list(MESH.values()))
     # The control: a stray listener on worker2's bridge address at a compute port is seen by
     # both checks below (the connect succeeds; ss lists it beyond loopback).
     stray_at = "{}:{}".format(h.net.addresses["w2"], COMPUTE["w2"])
@@ -282,21 +282,21 @@ def test_no_compute_port_is_reachable_from_the_owner_or_client_host(hosts):
 
     for src in ("own", "cli"):
         targets = ["{}:{}".format(h.net.addresses[w], port) for w in WORKERS
-                   for port in compute + [API_PORT, LINK_PORT]]
+                   for port in loopback_ports + [API_PORT, LINK_PORT]]
         results = _connect_from(h, src, targets)
         assert sorted(results) == sorted(targets), results
         for target, result in results.items():
-            if int(target.rsplit(":", 1)[1]) in compute:
+            if int(target.rsplit(":", 1)[1]) in loopback_ports:
                 assert result == "ConnectionRefusedError", (src, target, result)
             else:  # the API and the link of every worker are reachable
                 assert result == "connected", (src, target, result)
     # What listens in each worker's namespace: beyond loopback, only its API and its link;
-    # on loopback, its own TensorFlow server and the local ends of its two links.
+    # on loopback, its own TensorFlow server and mesh, and the local ends of its links.
     for w in WORKERS:
         assert _outside(h, w) == [(h.net.addresses[w], API_PORT),
                                   (h.net.addresses[w], LINK_PORT)], (w, h.net.listening(w))
         inside = sorted(p for a, p in h.net.listening(w) if is_loopback(a))
-        assert inside == compute, (w, h.net.listening(w))
+        assert inside == loopback_ports, (w, h.net.listening(w))
 
 
 def test_a_workers_api_refuses_peers_without_a_certificate_of_the_cluster(hosts, tmp_path):

@@ -18,10 +18,11 @@ network_address <- function() {
 hosts_file <- function(dir, hosts, certs) {
   ip <- sub(":[0-9]+$", "", hosts)
   ports <- as.integer(sub(".*:", "", hosts))
-  # Link and compute ports are listed (the file needs them) but used by workers only.
+  # Link, compute and mesh ports are listed (the file needs them) but used by workers only.
   workers <- sprintf(paste("[[workers]]", "name = \"worker%d\"", "api = \"%s\"",
-                           "link = \"%s:%d\"", "compute_port = %d", sep = "\n"),
-                     0:2, hosts, ip, ports - 30000L, ports - 20000L)
+                           "link = \"%s:%d\"", "compute_port = %d", "mesh_port = %d",
+                           sep = "\n"),
+                     0:2, hosts, ip, ports - 30000L, ports - 20000L, ports - 10000L)
   path <- file.path(dir, "hosts.toml")
   writeLines(c("[cluster]", sprintf("ca = \"%s\"", file.path(certs, "ca.crt")),
                sprintf("certs = \"%s\"", certs), "", workers, "",

@@ -75,7 +75,8 @@ def _port_in_use(port):
 
 
 def _free_loopback_ports(n, avoid):
-    """``n`` distinct free TCP ports on 127.0.0.1 (for the workers' TensorFlow servers)."""
+    """``n`` distinct free TCP ports on 127.0.0.1 (for the workers' TensorFlow servers and
+    mesh links)."""
     ports = []
     while len(ports) < n:
         sock = socket.socket()
@@ -254,13 +255,15 @@ class Cluster:
         base_env = interposer_env()
         make_local(self._local_key())
         self._made_credentials = True
-        compute = ["127.0.0.1:{}".format(p) for p in _free_loopback_ports(3, avoid=ports)]
+        free = _free_loopback_ports(6, avoid=ports)
+        compute, mesh = free[:3], free[3:]
         self._logdir = tempfile.mkdtemp(prefix="privatekeras-cluster-")
         say("starting 3 workers on {} ...".format(", ".join(self.hosts)))
         for i in range(3):
-            env = dict(base_env, PRIVATEKERAS_CONFINE_PORTS=compute[i].rpartition(":")[2])
+            env = dict(base_env, PRIVATEKERAS_CONFINE_PORTS="{},{}".format(compute[i], mesh[i]))
             self._launch(["--hosts", ",".join(self._local_key()), "--index", str(i),
-                          "--compute", ",".join(compute)], env)
+                          "--compute", ",".join("127.0.0.1:{}".format(p) for p in compute),
+                          "--mesh", ",".join("127.0.0.1:{}".format(p) for p in mesh)], env)
         return self._await_start()
 
     def _launch(self, args, env=None):

@@ -1,13 +1,16 @@
 """A worker: one of the three parties that hold shares and compute.
 
-Each worker process runs two servers:
+Each worker process runs two servers and one set of links:
 
 * its **API** (gRPC, mutual TLS; methods in :mod:`privatekeras.wire`), the only thing owners
   and clients can reach: the owner uploads this worker's weight shares, clients submit their
   input shares and fetch their answer shares;
 * its **TensorFlow server** on the compute port, reachable only by the other two workers
   (loopback on one machine, stunnel links across hosts). Worker 0's process drives the
-  private step over the three TensorFlow servers; workers 1 and 2 only serve it.
+  private step over the three TensorFlow servers; workers 1 and 2 only serve it;
+* its **mesh links** to the other two workers (:mod:`privatekeras.deploy.mesh`, mutually
+  authenticated with the workers' certificates), over which the step's protocol messages go:
+  TensorFlow's runtime only starts each step on each worker.
 
 A worker keeps what it receives in TensorFlow resources on its own device
 (:mod:`privatekeras.mpc.store`). Worker 0 also keeps the public board (served model, serving
@@ -87,17 +90,31 @@ class WorkerConfig:
         compute: the three workers' TensorFlow addresses as the workers reach them.
         compute_port: the port this worker's TensorFlow server binds on 127.0.0.1 (default:
             the port of its ``compute`` address).
+        mesh: the three workers' mesh addresses as the workers reach them (the links that
+            carry the protocol's messages, :mod:`privatekeras.deploy.mesh`); default: each
+            compute address's port + 1.
+        mesh_port: the port this worker's mesh listens on, on 127.0.0.1 (default: the port
+            of its ``mesh`` address).
         credentials: this worker's TLS credentials (privatekeras.deploy.pki.Credentials).
         job: the TensorFlow job name.
     """
 
     def __init__(self, index, names, api, compute, credentials, api_listen=None,
-                 compute_port=None, job="pk"):
+                 compute_port=None, mesh=None, mesh_port=None, job="pk"):
+        from .deploy.mesh import default_address
+
         self.index, self.names, self.api, self.compute = index, list(names), list(api), list(
             compute)
         self.credentials, self.job = credentials, job
         self.api_listen = api_listen or self.api[index]
         self.compute_port = compute_port or int(self.compute[index].rpartition(":")[2])
+        self.mesh = list(mesh) if mesh else [default_address(c) for c in self.compute]
+        self.mesh_port = mesh_port or int(self.mesh[index].rpartition(":")[2])
+
+    @property
+    def confined_ports(self):
+        """The ports that must listen on loopback only: TensorFlow's and the mesh's."""
+        return [self.compute_port, self.mesh_port]
 
     @property
     def name(self):
@@ -129,6 +146,7 @@ class WorkerServer:
         self._state = wire.EMPTY
         self._message = "no model uploaded"
         self._server = None
+        self._mesh = None
         self._peers = {}  # index -> wire.Stub, made on first use
         self._peers_lock = threading.Lock()
         self._long_polls = threading.BoundedSemaphore(LONG_POLLS)
@@ -151,7 +169,12 @@ class WorkerServer:
         two workers. Returns self."""
         from .kernels import loader
 
+        from .deploy.mesh import Mesh
+
         loader.load()  # our CSPRNG kernels run here: without them, refuse to start
+        cfg = self.config
+        self._mesh = Mesh(self.index, cfg.names, cfg.mesh, cfg.mesh_port,
+                          cfg.credentials).start()
         if self.index != 0:
             self._join_compute()
         self._open_api()
@@ -221,6 +244,8 @@ class WorkerServer:
         self._closing.set()
         if self._server is not None:
             self._server.stop(grace)
+        if self._mesh is not None:
+            self._mesh.close()
 
     def _peer(self, i):
         """The API of worker ``i``, called as a worker (one channel per peer)."""

@@ -12,6 +12,7 @@ CA that authenticates them all. Example (``inst/examples/hosts.toml``)::
     api = "10.0.0.1:5000"        # gRPC API with mutual TLS: owners and clients connect here
     link = "10.0.0.1:7000"       # stunnel endpoint: the other workers connect here (TLS 1.3)
     compute_port = 4000          # its TensorFlow server, on 127.0.0.1 of its host only
+    # mesh_port = 4001           # its mesh links, on 127.0.0.1 (default: compute_port + 1)
 
     [owner]
     name = "owner"
@@ -19,9 +20,12 @@ CA that authenticates them all. Example (``inst/examples/hosts.toml``)::
     [[clients]]
     name = "alice"
 
-Each worker's TensorFlow server stays on its host's loopback; the links
-(:mod:`privatekeras.deploy.links`) re-create the two peers' compute ports on every worker
-host's loopback, so the three ``compute_port`` values must be distinct.
+Each worker's TensorFlow server and its mesh (:mod:`privatekeras.deploy.mesh`, the links that
+carry the protocol's messages) stay on its host's loopback, at ``compute_port`` and
+``mesh_port``; the links (:mod:`privatekeras.deploy.links`) re-create the two peers' compute
+and mesh ports on every worker host's loopback, so the six ports (three ``compute_port``, three
+``mesh_port``) must all be distinct. With the default ``mesh_port`` (``compute_port + 1``),
+that means compute ports at least two apart (4000, 4002, 4004, say).
 """
 
 import ipaddress
@@ -33,8 +37,8 @@ from . import pki
 LOOPBACK = "127.0.0.1"
 SECTIONS = ("cluster", "workers", "owner", "clients")
 CLUSTER_FIELDS = ("ca", "certs")
-WORKER_FIELDS = ("name", "api", "link", "compute_port", "api_listen", "link_listen", "cert",
-                 "key")
+WORKER_FIELDS = ("name", "api", "link", "compute_port", "mesh_port", "api_listen", "link_listen",
+                 "cert", "key")
 OTHER_FIELDS = ("name", "cert", "key")
 
 
@@ -59,15 +63,18 @@ class Party:
         api_listen, link_listen: ``(host, port)`` the API server and stunnel bind (default:
             ``api`` and ``link``); None for the owner and clients.
         compute_port: the worker's TensorFlow port on 127.0.0.1 of its host; None otherwise.
+        mesh_port: the port of the worker's mesh links on 127.0.0.1 of its host (default:
+            ``compute_port + 1``); None for the owner and clients.
         cert, key: absolute paths of the party's certificate and private key.
     """
 
     def __init__(self, name, role, index=None, api=None, api_listen=None, link=None,
-                 link_listen=None, compute_port=None, cert=None, key=None):
+                 link_listen=None, compute_port=None, mesh_port=None, cert=None, key=None):
         self.name, self.role, self.index = name, role, index
         self.api, self.api_listen = api, api_listen
         self.link, self.link_listen = link, link_listen
-        self.compute_port, self.cert, self.key = compute_port, cert, key
+        self.compute_port, self.mesh_port = compute_port, mesh_port
+        self.cert, self.key = cert, key
 
     @property
     def api_address(self):
@@ -85,11 +92,18 @@ class Party:
         server (its own, or the local end of a link); None for non-workers."""
         return None if self.compute_port is None else format_address(LOOPBACK, self.compute_port)
 
+    @property
+    def mesh_address(self):
+        """``"127.0.0.1:port"``: where every worker host reaches this worker's mesh (its own
+        listener, or the local end of a link); None for non-workers."""
+        return None if self.mesh_port is None else format_address(LOOPBACK, self.mesh_port)
+
     def __repr__(self):
         if self.role != "worker":
             return "<Party {} ({})>".format(self.name, self.role)
-        return "<Party {} (worker {}) api={} link={} compute_port={}>".format(
-            self.name, self.index, self.api_address, self.link_address, self.compute_port)
+        return "<Party {} (worker {}) api={} link={} compute_port={} mesh_port={}>".format(
+            self.name, self.index, self.api_address, self.link_address, self.compute_port,
+            self.mesh_port)
 
 
 class HostsConfig:
@@ -138,6 +152,12 @@ class HostsConfig:
         """The three workers' TensorFlow addresses as every worker host sees them:
         ``"127.0.0.1:<compute_port>"``, in order."""
         return [w.compute_address for w in self.workers]
+
+    @property
+    def mesh_addresses(self):
+        """The three workers' mesh addresses as every worker host sees them:
+        ``"127.0.0.1:<mesh_port>"``, in order."""
+        return [w.mesh_address for w in self.workers]
 
     def credentials(self, name):
         """The :class:`~privatekeras.deploy.pki.Credentials` of party ``name``, read from its
@@ -241,7 +261,7 @@ def _party(table, role, index, where, base, certs):
         if worker_only:
             raise ConfigError("{}.{}: only workers have {} (the {} connects to the workers' "
                               "APIs and accepts no connections)".format(
-                                  where, worker_only[0], ", ".join(WORKER_FIELDS[1:6]), role))
+                                  where, worker_only[0], ", ".join(WORKER_FIELDS[1:7]), role))
     unknown = sorted(set(table) - set(known))
     if unknown:
         raise ConfigError("{}: unknown field(s) {} (known: {})".format(
@@ -269,6 +289,13 @@ def _party(table, role, index, where, base, certs):
     link = _reachable(_address(table["link"], where + ".link"), where + ".link",
                       where + ".link_listen")
     compute_port = _port(table["compute_port"], where + ".compute_port")
+    if "mesh_port" in table:
+        mesh_port = _port(table["mesh_port"], where + ".mesh_port")
+    elif compute_port < 65535:
+        mesh_port = compute_port + 1
+    else:
+        raise ConfigError("{}.mesh_port is missing and its default, compute_port + 1, is not a "
+                          "port (compute_port is 65535): give mesh_port".format(where))
     api_listen = (_address(table["api_listen"], where + ".api_listen")
                   if "api_listen" in table else api)
     link_listen = (_address(table["link_listen"], where + ".link_listen")
@@ -279,7 +306,8 @@ def _party(table, role, index, where, base, certs):
         raise ConfigError("{}: the API and the link cannot both listen on {}".format(
             where, format_address(*link_listen)))
     return Party(name, role, index, api=api, api_listen=api_listen, link=link,
-                 link_listen=link_listen, compute_port=compute_port, cert=cert, key=key)
+                 link_listen=link_listen, compute_port=compute_port, mesh_port=mesh_port,
+                 cert=cert, key=key)
 
 
 def _wildcard(host):
@@ -348,22 +376,30 @@ def _load(path):
                               "distinct (each is a certificate's name)".format(
                                   p.name, seen[p.name], _where(config, p)))
         seen[p.name] = _where(config, p)
+    # Every worker host binds all six loopback ports: its own compute and mesh ports (its
+    # TensorFlow server, its mesh), and its two peers' (the local ends of its links).
     ports = {}
-    for w in parsed:
-        where = "workers[{}].compute_port".format(w.index)
-        if w.compute_port in ports:
-            raise ConfigError("{} {} is also {}: the compute ports must be distinct (every "
-                              "worker host binds all three on 127.0.0.1)".format(
-                                  where, w.compute_port, ports[w.compute_port]))
-        ports[w.compute_port] = where
+    for field in ("compute_port", "mesh_port"):
+        for w, table in zip(parsed, workers):
+            port = getattr(w, field)
+            where = "workers[{}].{}".format(w.index, field)
+            if port in ports:
+                default = field == "mesh_port" and field not in table
+                raise ConfigError("{} {}{} is also {}: the three compute ports and the three "
+                                  "mesh ports must all be distinct (every worker host binds all "
+                                  "six on 127.0.0.1){}".format(
+                                      where, port, " (compute_port + 1, the default)" if default
+                                      else "", ports[port], "; give mesh_port, or leave gaps "
+                                      "between the compute ports" if default else ""))
+            ports[port] = where
     for w in parsed:
         for field in ("api_listen", "link_listen"):
             host, port = getattr(w, field)
             if port in ports and (_wildcard(host) or _is_loopback(host)):
                 raise ConfigError("workers[{}].{} {} takes port {}, which is {}: every worker "
-                                  "host binds all three compute ports on 127.0.0.1".format(
-                                      w.index, field, format_address(host, port), port,
-                                      ports[port]))
+                                  "host binds all three compute ports and all three mesh ports "
+                                  "on 127.0.0.1".format(w.index, field, format_address(host, port),
+                                                        port, ports[port]))
     return config
 
 

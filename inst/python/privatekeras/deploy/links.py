@@ -1,17 +1,38 @@
-"""The workers' compute links across hosts, through stunnel (TLS 1.3, mutual certificates).
+"""The workers' links across hosts, through stunnel (TLS 1.3, mutual certificates).
 
-TensorFlow's gRPC between the workers has no TLS, so every worker's TensorFlow server stays on
-``127.0.0.1:<compute_port>`` of its own host, and on each worker host one stunnel process:
+Two channels join the workers: TensorFlow's gRPC (the compute port) and the mesh
+(:mod:`privatekeras.deploy.mesh`, the mesh port). Neither has TLS of its own between hosts, so
+every worker's TensorFlow server stays on ``127.0.0.1:<compute_port>`` of its own host and its
+mesh on ``127.0.0.1:<mesh_port>``, and on each worker host one stunnel process:
 
 * accepts TLS 1.3 on the worker's ``link_listen`` (default ``link``), requires a client
   certificate chained to ``cluster.ca`` whose name is one of the two *other* workers, and
-  connects it to ``127.0.0.1:<its compute_port>``;
-* accepts plain TCP on ``127.0.0.1:<peer's compute_port>`` for each of the two peers and
-  connects it to that peer's ``link`` over TLS 1.3, checking the peer's certificate chain and
-  name, presenting this worker's own certificate.
+  connects it to ``127.0.0.1:<its compute_port>`` (service ``[<name>-in]``) -- or, when the
+  client's TLS Server Name Indication is ``mesh.<name>``, to ``127.0.0.1:<its mesh_port>``
+  (service ``[<name>-mesh-in]``, selected by stunnel's ``sni`` option);
+* accepts plain TCP on ``127.0.0.1:<peer's compute_port>`` and ``127.0.0.1:<peer's
+  mesh_port>`` for each of the two peers (``[to-<peer>]``, ``[mesh-to-<peer>]``) and connects
+  it to that peer's ``link`` over TLS 1.3, sending no SNI for the compute port and
+  ``mesh.<peer>`` for the mesh, checking the peer's certificate chain and name, presenting this
+  worker's own certificate.
 
-So all three workers see the same ``127.0.0.1:4000..4002`` cluster, and only the link ports
-listen beyond loopback. Usage::
+One public port per worker carries both channels. The SNI only picks the service; it
+authorises nothing: stunnel gives the mesh service its own TLS context (an SNI-selected
+secondary service inherits nothing from the primary one -- only the global options), so it
+repeats the primary's certificate, CA, ``verifyChain``, ``requireCert`` and ``checkHost``
+settings, and stunnel switches to that context's verification during the handshake. A client
+that sends no SNI or any other name (e.g. a TLS client that sends the host name it dialled)
+stays on the primary service, the compute port: stunnel 5.37 and later (Debian's stunnel4 is
+5.68) keep the primary service for a name no ``sni`` pattern matches and log
+``SNI: no pattern matched servername`` (older ones refused the handshake). Either way it
+passes the same certificate checks.
+
+Through a link, a peer's port that does not listen yet is not refused: the local stunnel
+accepts, and the peer's stunnel closes the TLS connection when its own connect fails (the
+mesh's dialer sees an EOF and retries).
+
+So all three workers see the same ``127.0.0.1:<compute_port>`` and ``127.0.0.1:<mesh_port>``
+cluster, and only the link ports listen beyond loopback. Usage::
 
     privatekeras links --config hosts.toml --name worker0            # foreground
     privatekeras links --config hosts.toml --name worker0 --print    # its stunnel config
@@ -58,6 +79,12 @@ def _config(config):
     return load(config) if not isinstance(config, HostsConfig) else config
 
 
+def mesh_server_name(name):
+    """The TLS Server Name Indication that selects worker ``name``'s mesh service on its link
+    (the compute service is the default)."""
+    return "mesh." + name
+
+
 def stunnel_config(config, name, workdir=None):
     """The stunnel configuration text of worker ``name`` of a hosts config (or file path).
 
@@ -69,6 +96,10 @@ def stunnel_config(config, name, workdir=None):
     peers = [w for w in config.workers if w.name != name]
     files = ["cert = " + me.cert, "key = " + me.key, "CAfile = " + config.ca]
     tls = ["sslVersionMin = TLSv1.3", "socket = l:TCP_NODELAY=1", "socket = r:TCP_NODELAY=1"]
+    # Both server services verify alike: the mesh service, a secondary one selected by SNI,
+    # gets its own TLS context and inherits none of the primary's settings.
+    verify_peers = files + ["verifyChain = yes", "requireCert = yes"] + [
+        "checkHost = " + p.name for p in peers] + tls
     lines = [
         "; stunnel configuration of {}'s links to the other workers, made by privatekeras from"
         .format(name),
@@ -78,26 +109,36 @@ def stunnel_config(config, name, workdir=None):
         "syslog = no",
         "debug = notice",  # notice: every accepted connection; refusals are warning/err
         "",
-        "; TLS from the other workers -> this worker's TensorFlow server",
+        "; TLS from the other workers -> this worker's TensorFlow server (no SNI, or any name",
+        "; but the mesh's)",
         "[{}-in]".format(name),
         "accept = " + _stunnel_address(*me.link_listen),
         "connect = " + _stunnel_address(LOOPBACK, me.compute_port),
-    ] + files + [
-        "verifyChain = yes",
-        "requireCert = yes",
-    ] + ["checkHost = " + p.name for p in peers] + tls
+    ] + verify_peers + [
+        "",
+        "; TLS from the other workers on the same port, SNI {} -> this worker's mesh".format(
+            mesh_server_name(name)),
+        "[{}-mesh-in]".format(name),
+        "sni = {}-in:{}".format(name, mesh_server_name(name)),
+        "connect = " + _stunnel_address(LOOPBACK, me.mesh_port),
+    ] + verify_peers
     for peer in peers:
-        lines += [
-            "",
-            "; this host's 127.0.0.1:{} -> {}'s link, TLS".format(peer.compute_port, peer.name),
-            "[to-{}]".format(peer.name),
-            "client = yes",
-            "accept = " + _stunnel_address(LOOPBACK, peer.compute_port),
-            "connect = " + _stunnel_address(*peer.link),
-        ] + files + [
-            "verifyChain = yes",
-            "checkHost = " + peer.name,
-        ] + tls
+        for service, port, sni in (("to-", peer.compute_port, ""),
+                                   ("mesh-to-", peer.mesh_port, mesh_server_name(peer.name))):
+            lines += [
+                "",
+                "; this host's 127.0.0.1:{} -> {}'s link, TLS, {}".format(
+                    port, peer.name, "SNI " + sni if sni else "no SNI"),
+                "[{}{}]".format(service, peer.name),
+                "client = yes",
+                "accept = " + _stunnel_address(LOOPBACK, port),
+                "connect = " + _stunnel_address(*peer.link),
+                # empty: none (by default stunnel sends the link's host name)
+                "sni =" + (" " + sni if sni else ""),
+            ] + files + [
+                "verifyChain = yes",
+                "checkHost = " + peer.name,
+            ] + tls
     return "\n".join(lines) + "\n"
 
 
@@ -178,13 +219,13 @@ class Links:
         ``workdir`` (default: a new private temp dir, removed by :meth:`stop`) and starts
         stunnel in the foreground, stderr to ``<workdir>/stunnel-<name>.log``. It gets SIGTERM
         when its parent dies (PR_SET_PDEATHSIG; Linux counts the *thread* that started it, so
-        call this from the main thread or one that lives as long as the links). Returns once stunnel listens on the link port and on
-        both peers' compute ports; ClusterError with the log's tail if stunnel exits first or
-        ``timeout`` seconds pass.
+        call this from the main thread or one that lives as long as the links). Returns once
+        stunnel listens on the link port and on both peers' compute and mesh ports;
+        ClusterError with the log's tail if stunnel exits first or ``timeout`` seconds pass.
 
         It checks the listening sockets in /proc instead of connecting: a test connection to
-        a peer's compute port would open a TLS connection to that peer and a TCP connection to
-        its TensorFlow server.
+        a peer's compute or mesh port would open a TLS connection to that peer and a TCP
+        connection to its TensorFlow server or its mesh.
         """
         config = _config(config)
         me = config.worker(name)
@@ -199,12 +240,14 @@ class Links:
                                         text)
         log_path = os.path.join(workdir, "stunnel-{}.log".format(name))
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        # stunnel's local ends of the links (the peers' compute ports on this host's loopback)
-        # admit only processes of this user, like the worker's own compute port.
+        # stunnel's local ends of the links (the peers' compute and mesh ports on this host's
+        # loopback) admit only processes of this user, like the worker's own ports.
         from .confine import interposer_env
 
-        peers = [str(w.compute_port) for w in config.workers if w is not me]
-        env = dict(interposer_env(), PRIVATEKERAS_CONFINE_PORTS=",".join(peers))
+        local_ends = [p for w in config.workers if w is not me
+                      for p in (w.compute_port, w.mesh_port)]
+        env = dict(interposer_env(),
+                   PRIVATEKERAS_CONFINE_PORTS=",".join(str(p) for p in local_ends))
         try:
             proc = subprocess.Popen([stunnel, config_path], stdin=subprocess.DEVNULL, env=env,
                                     stdout=log_fd, stderr=log_fd, close_fds=True,
@@ -217,7 +260,7 @@ class Links:
         finally:
             os.close(log_fd)
         links = cls(name, proc, workdir, config_path, log_path, own)
-        wanted = {me.link_listen[1]} | {w.compute_port for w in config.workers if w is not me}
+        wanted = {me.link_listen[1]} | set(local_ends)
         try:
             links._wait_listening(wanted, timeout)
         except BaseException:

@@ -39,6 +39,12 @@ def _parser():
     p.add_argument("--compute-port", type=int, default=None,
                    help="the port this worker's TensorFlow server binds on 127.0.0.1, if not "
                         "the port of its --compute address (e.g. behind a port forwarder)")
+    p.add_argument("--mesh", help="the three workers' mesh addresses (127.0.0.1:PORT; the links "
+                                  "that carry the protocol's messages), comma-separated; "
+                                  "default: each compute port + 1")
+    p.add_argument("--mesh-port", type=int, default=None,
+                   help="the port this worker's mesh listens on, on 127.0.0.1, if not the port "
+                        "of its --mesh address")
     p.add_argument("--config", help="hosts file (workers on separate hosts)")
     p.add_argument("--name", help="this worker's name in the hosts file")
     p.add_argument("--parent-pid", type=int, default=None,
@@ -90,7 +96,8 @@ def _settings(args, parser):
             config.compute_addresses, config.credentials(me.name),
             api_listen="{}:{}".format(*listen) if ":" not in listen[0] else "[{}]:{}".format(
                 *listen),
-            compute_port=args.compute_port), config
+            compute_port=args.compute_port, mesh=config.mesh_addresses,
+            mesh_port=args.mesh_port), config
     if not args.hosts or args.index is None:
         parser.error("give --hosts and --index (one machine), or --config and --name")
     hosts = [h.strip() for h in args.hosts.split(",")]
@@ -102,27 +109,34 @@ def _settings(args, parser):
             parser.error("--compute lists exactly 3 addresses")
     else:
         compute = ["127.0.0.1:{}".format(parse_host(h)[1] + 10000) for h in hosts]
+    mesh = None
+    if args.mesh:
+        mesh = [c.strip() for c in args.mesh.split(",")]
+        if len(mesh) != 3:
+            parser.error("--mesh lists exactly 3 addresses")
     from .pki import load_local
 
     names = local_worker_names()
     return WorkerConfig(args.index, names, hosts, compute,
                         load_local(hosts, names[args.index]),
-                        compute_port=args.compute_port), None
+                        compute_port=args.compute_port, mesh=mesh,
+                        mesh_port=args.mesh_port), None
 
 
-def _confine(port, argv):
-    """Re-execute with the loopback interposer preloaded for the compute port, unless it is
-    already (the check after start-up is what decides; this makes it pass)."""
+def _confine(ports, argv):
+    """Re-execute with the loopback interposer preloaded for the compute and mesh ports,
+    unless it is already (the check after start-up is what decides; this makes it pass)."""
     from .confine import interposer_active, interposer_env
 
-    if interposer_active() and os.environ.get(CONFINE_ENV) == str(port):
+    wanted = ",".join(str(p) for p in ports)
+    if interposer_active() and os.environ.get(CONFINE_ENV) == wanted:
         return
     if os.environ.get(REEXEC_ENV):
         raise SystemExit("privatekeras worker: the loopback interposer did not load "
                          "(LD_PRELOAD={!r}); refusing to start".format(
                              os.environ.get("LD_PRELOAD")))
     env = interposer_env()
-    env[CONFINE_ENV] = str(port)
+    env[CONFINE_ENV] = wanted
     env[REEXEC_ENV] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
@@ -155,7 +169,7 @@ def main(argv=None):
 
     try:
         worker_config, hosts_config = _settings(args, parser)
-        _confine(worker_config.compute_port, argv)
+        _confine(worker_config.confined_ports, argv)
         links = None
         if hosts_config is not None:
             from .links import Links
@@ -165,7 +179,7 @@ def main(argv=None):
         from .listening import check_confined
 
         server = WorkerServer(worker_config).start()
-        check_confined([worker_config.compute_port])
+        check_confined(worker_config.confined_ports)
     except PrivateKerasError as exc:
         print("privatekeras worker: {}".format(exc), file=sys.stderr, flush=True)
         return 2

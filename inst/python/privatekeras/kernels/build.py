@@ -2,9 +2,10 @@
 
 One library directory (see :func:`library_dir`) holds three libraries:
 
-- ``pk_ops.so`` (from ``pk_ops.cc``, ``pk_ring.cc``, ``pk_fused.cc`` and ``pk_trunc.cc``):
-  the production kernels (CSPRNG, ABY3's bit ops, the ring GEMM and convolution, the fused
-  carry circuit, ReLU's selection and the truncation),
+- ``pk_ops.so`` (from ``pk_ops.cc``, ``pk_ring.cc``, ``pk_fused.cc``, ``pk_trunc.cc`` and
+  ``pk_mesh.cc``): the production kernels (CSPRNG, ABY3's bit ops, the ring GEMM and
+  convolution, the fused carry circuit, ReLU's selection, the truncation and the mesh
+  transport's send and receive, with its C API for :mod:`privatekeras.kernels.mesh`),
   loaded in every worker;
 - ``pk_loopback.so`` (from ``pk_loopback.c``): the bind() interposer preloaded into processes
   that must listen on loopback only;
@@ -26,6 +27,7 @@ SOURCE = os.path.join(HERE, "pk_ops.cc")
 RING_SOURCE = os.path.join(HERE, "pk_ring.cc")  # compiled into the same library
 FUSED_SOURCE = os.path.join(HERE, "pk_fused.cc")  # likewise
 TRUNC_SOURCE = os.path.join(HERE, "pk_trunc.cc")  # likewise
+MESH_SOURCE = os.path.join(HERE, "pk_mesh.cc")  # likewise
 COMMON_HEADER = os.path.join(HERE, "pk_common.h")  # included by every kernel file
 LOOPBACK_SOURCE = os.path.join(HERE, "pk_loopback.c")
 TEST_SOURCE = os.path.join(HERE, "pk_test_ops.cc")
@@ -34,7 +36,7 @@ ENV_VAR = "PRIVATEKERAS_KERNELS"
 
 def _source_digest():
     digest = hashlib.sha256()
-    for path in (SOURCE, RING_SOURCE, FUSED_SOURCE, TRUNC_SOURCE, COMMON_HEADER,
+    for path in (SOURCE, RING_SOURCE, FUSED_SOURCE, TRUNC_SOURCE, MESH_SOURCE, COMMON_HEADER,
                  LOOPBACK_SOURCE, TEST_SOURCE):
         with open(path, "rb") as f:
             digest.update(f.read())
@@ -124,7 +126,8 @@ def build(output=None, verbose=True):
          [compiler, "-std=c++17", "-shared", "-fPIC", "-O2"], tf_flags + ["-lsodium"]),
         # The ring kernels pick AVX-512 / AVX2 / portable code at run time (target attributes,
         # __builtin_cpu_supports): no -march flag, so the library runs on any x86-64.
-        ("the secure kernels", [SOURCE, RING_SOURCE, FUSED_SOURCE, TRUNC_SOURCE], output,
+        ("the secure kernels", [SOURCE, RING_SOURCE, FUSED_SOURCE, TRUNC_SOURCE, MESH_SOURCE],
+         output,
          [compiler, "-std=c++17", "-shared", "-fPIC", "-O2"], tf_flags + ["-lsodium"]),
     ]
     if verbose:

@@ -1,5 +1,5 @@
-// privatekeras kernels: what the kernel files share (pk_ops.cc, pk_ring.cc, pk_fused.cc and
-// pk_trunc.cc build into one library; pk_test_ops.cc into the test-only one).
+// privatekeras kernels: what the kernel files share (pk_ops.cc, pk_ring.cc, pk_fused.cc,
+// pk_trunc.cc and pk_mesh.cc build into one library; pk_test_ops.cc into the test-only one).
 //
 //  - the TensorFlow names every kernel uses;
 //  - u64, the ring's words (two's-complement int64 tensors read as mod-2^64 integers);

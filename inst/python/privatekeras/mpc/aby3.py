@@ -7,6 +7,10 @@ ABY3 (the weights read from each worker's own variables), and writes each worker
 shares to that worker's output table. Values cross between workers only as ABY3's protocol
 messages; worker 0 never reads another worker's shares.
 
+Messages between workers go over the workers' own links (:mod:`privatekeras.mpc.routing`,
+:mod:`privatekeras.deploy.mesh`), each execution under a fresh step id; TensorFlow's runtime
+only starts the step on each worker and hands it the query ids and the step id.
+
 The pairwise PRF keys are set up inside the step (``prot.reset()``), so every execution draws
 fresh masks from the CSPRNG kernels: keys made once at construction would be constants of the
 traced graph and every query would reuse the same masks.
@@ -16,11 +20,13 @@ import collections
 import contextlib
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import tensorflow as tf
 
-from . import graphstats, store
+from . import graphstats, routing, store
 from .. import layers
 from ..layers import INPUT
 from .encoding import FIXED64
@@ -47,6 +53,8 @@ class ABY3Engine:
         self.prot = tfe.protocol.ABY3("server0", "server1", "server2")
         tfe.set_protocol(self.prot)
         self.devices = list(devices)
+        self.mesh = True  # messages between workers over their mesh links
+        self._step_ids = StepIds()
         self._check_encoding()
 
     def _check_encoding(self):
@@ -75,6 +83,8 @@ class ABY3Engine:
         engine.prot = tfe.protocol.ABY3("server0", "server1", "server2")
         tfe.set_protocol(engine.prot)
         engine.devices = list(devices)
+        engine.mesh = False  # one process: TensorFlow moves tensors between its devices
+        engine._step_ids = StepIds()
         engine._check_encoding()
         return engine
 
@@ -105,7 +115,7 @@ class ABY3Engine:
 
     def build_step(self, spec, group):
         """The traced private evaluation of ``group`` queries at once (their batches
-        concatenated), as a ``tf.function`` of a string vector of ``group`` query ids."""
+        concatenated): a :class:`Step`, called with a string vector of ``group`` query ids."""
         model_id = spec["model_id"]
         in_shape, out_shape = list(spec["input_shape"]), list(spec["output_shape"])
         n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
@@ -120,9 +130,10 @@ class ABY3Engine:
                              "privatekeras versions".format(spec.get("output_frac_bits"), want))
 
         @tf.function
-        def step(keys):
+        def step(keys, step_id):
             """Private evaluation of the queries ``keys``: shares in from each worker's
-            input table, answer shares out to each worker's output table."""
+            input table, answer shares out to each worker's output table; ``step_id`` tags
+            this execution's messages between workers."""
             self.prot.reset()  # fresh pairwise PRF keys for this execution
             weights = self._weights(model_id, nodes)
             per_worker = []
@@ -139,28 +150,64 @@ class ABY3Engine:
                             for j in range(store.SHARES)]
                     store.insert(store.table(model_id, "out", w_out), keys,
                                  tf.reshape(tf.stack(pair, axis=1), [group, w_out]))
+            graph = tf.compat.v1.get_default_graph()
+            if self.mesh:
+                routing.route(graph, devices, step_id)
             if os.environ.get(UNCHAIN_ENV, "1") != "0":
-                _unchain(tf.compat.v1.get_default_graph())
+                _unchain(graph)
 
-        concrete = step.get_concrete_function(tf.TensorSpec([group], tf.string))
-        step.stats = lambda: graphstats.step_stats(concrete.graph, devices[0])
+        concrete = step.get_concrete_function(tf.TensorSpec([group], tf.string),
+                                              tf.TensorSpec([], tf.int64))
+        traced = Step(concrete, self._step_ids, devices[0])
         path = os.environ.get(STATS_ENV)
         if path:
             with open(path, "a") as f:
-                f.write(json.dumps(dict(step.stats(), group=group, batch=batch)) + "\n")
-        return step
+                f.write(json.dumps(dict(traced.stats(), group=group, batch=batch)) + "\n")
+        return traced
+
+
+class StepIds:
+    """Increasing ids for the executions of an engine's steps (nanoseconds of the clock, or
+    one more than the last): the workers' mesh drops messages of earlier steps."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def next(self):
+        with self._lock:
+            self._last = max(self._last + 1, time.time_ns())
+            return self._last
+
+
+class Step:
+    """A traced private step: ``step(keys)`` evaluates the queries ``keys`` (a string
+    tensor of ``group`` ids) under a fresh step id. ``concrete`` is the traced function,
+    :meth:`stats` what it costs (:mod:`privatekeras.mpc.graphstats`)."""
+
+    def __init__(self, concrete, step_ids, default_device):
+        self.concrete = concrete
+        self._ids = step_ids
+        self._default_device = default_device
+
+    def __call__(self, keys):
+        return self.concrete(keys, tf.constant(self._ids.next(), tf.int64))
+
+    def stats(self):
+        return graphstats.step_stats(self.concrete.graph, self._default_device)
 
 
 # Stateful ops that touch no other op's state: a variable's or a table's handle (the reads,
 # writes and lookups through it are ordered by the handle), and fresh randomness (seeds,
-# unseeded draws). tf.function's automatic control dependencies would run every stateful op
+# unseeded draws), and the mesh's sends and receives (matched by step id and edge number, not by
+# order). tf.function's automatic control dependencies would run every stateful op
 # without a resource input in program order, one after the other: across the three workers
 # that is a chain of cross-process control messages (~35 sequential hops in the tutorial
 # CNN's step: the key set-up, then 48 weight reads alternating between workers, then the
 # tables) before the first layer may start. Marked independent, each still runs exactly once
 # per execution of the step, before it returns.
 INDEPENDENT_OPS = frozenset({"VarHandleOp", "MutableHashTableOfTensorsV2", "PkSecureSeed",
-                             "PkRandomUniform"})
+                             "PkRandomUniform", routing.SEND, routing.RECV})
 UNCHAIN_ENV = "PRIVATEKERAS_UNCHAIN"  # "0": keep tf.function's chain (for comparisons)
 
 

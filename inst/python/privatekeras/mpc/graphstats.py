@@ -13,12 +13,18 @@ crosses from one device to another. So, from the graph alone:
   messages all go out together counts once; rounds that wait on each other add up;
 - **bytes**: the payload of the messages (static shapes x dtype size).
 
+A step routed over the workers' mesh (:mod:`privatekeras.mpc.routing`) has a PkMeshSend /
+PkMeshRecv pair (same ``edge``) instead of a crossing edge: the pair counts as one message and
+the receive as one hop after its send.
+
 Ops without a device are placed at run time on the calling process' device: worker 0's.
 Nothing here runs the graph; it works on any graph (the tests use three logical CPUs of one
 process as the three parties).
 """
 
 import collections
+
+MESH_SEND, MESH_RECV = "PkMeshSend", "PkMeshRecv"  # privatekeras.mpc.routing's ops
 
 
 def _party_key(device, default):
@@ -39,10 +45,11 @@ def step_stats(graph, default_device=None):
     for op in ops:
         key = _party_key(op.device, default_device)
         keys[op.name] = parties.setdefault(key, len(parties))
+    sends = {op.get_attr("edge"): op for op in ops if op.type == MESH_SEND}
     depth = {}
     messages = set()
     payload = 0
-    for op in ops:  # creation order is a topological order (inputs exist before consumers)
+    for op in _topological(ops, sends):
         here = keys[op.name]
         d = 0
         for t in op.inputs:
@@ -59,6 +66,11 @@ def step_stats(graph, default_device=None):
             if cross:
                 messages.add((src.name + "^", here))
             d = max(d, depth.get(src.name, 0) + cross)
+        if op.type == MESH_RECV:  # a message over the mesh, from its PkMeshSend
+            send = sends[op.get_attr("edge")]
+            messages.add((send.name, here))
+            payload += _nbytes(send.inputs[1])
+            d = max(d, depth[send.name] + 1)
         depth[op.name] = d
     per_party = collections.Counter(keys[op.name] for op in ops)
     return {
@@ -70,6 +82,30 @@ def step_stats(graph, default_device=None):
         "message_bytes": int(payload),
         "ops_by_type": dict(collections.Counter(op.type for op in ops).most_common(10)),
     }
+
+
+def _topological(ops, sends):
+    """``ops`` ordered so that every op comes after its inputs, its control inputs and (a
+    PkMeshRecv) its PkMeshSend. Creation order is such an order until the mesh routing
+    (:mod:`privatekeras.mpc.routing`) hands existing ops inputs made after them."""
+    by_name = {op.name: op for op in ops}
+    done, order = set(), []
+    for root in ops:
+        stack = [(root, False)]
+        while stack:
+            op, expanded = stack.pop()
+            if op.name in done:
+                continue
+            if expanded:
+                done.add(op.name)
+                order.append(op)
+                continue
+            stack.append((op, True))
+            before = [t.op for t in op.inputs] + list(op.control_inputs)
+            if op.type == MESH_RECV:
+                before.append(sends[op.get_attr("edge")])
+            stack.extend((by_name[b.name], False) for b in before if b.name not in done)
+    return order
 
 
 def _nbytes(t):

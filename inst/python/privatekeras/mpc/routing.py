@@ -1,0 +1,63 @@
+"""Routing the private step's protocol messages over the workers' mesh.
+
+Worker 0 traces the step as one graph whose ops sit on the three workers' devices. Left as
+it is, every tensor that one worker's op hands to another worker's op travels through
+TensorFlow's distributed runtime: the receiver's executor asks the sender's server for it (a
+gRPC request and reply per tensor, ~0.45 ms per dependent hop here). :func:`route` rewrites
+each such edge into a :class:`PkMeshSend` on the producer's device and a ``PkMeshRecv`` on the
+consumer's, which push the tensor over the workers' own links (:mod:`privatekeras.deploy.mesh`)
+as soon as it exists: one write on one side, one wake-up on the other.
+
+Each routed edge has a number (``edge``), and every execution of the step a fresh step id
+(a function argument), so a message is matched to exactly one receive. What is not routed:
+
+* the step's arguments (query ids, step id): TensorFlow's runtime hands them to each worker
+  at the start of the step, which is also how the step id reaches the other workers;
+* control edges between workers (ordering only, no data);
+* edges from or to ops without a device (TensorFlow places them at run time).
+"""
+
+import tensorflow as tf
+
+SEND, RECV = "PkMeshSend", "PkMeshRecv"
+
+
+def _party(op, tasks):
+    """The worker index of ``op``'s device, or None (no device, or not a worker's)."""
+    if not op.device:
+        return None
+    spec = tf.DeviceSpec.from_string(op.device)
+    return tasks.get((spec.job, spec.task))
+
+
+def route(graph, devices, step_id):
+    """Route every tensor that crosses between workers in ``graph`` (a step being traced)
+    through a PkMeshSend/PkMeshRecv pair; ``step_id`` is the step's id argument (a scalar
+    int64 placeholder: TensorFlow hands it to each worker). Each (tensor, receiving worker) gets one pair, shared by all its consumers
+    there. Returns the number of routed edges."""
+    from ..kernels import loader
+
+    ops = loader.ops()
+    tasks = {}
+    for i, device in enumerate(devices):
+        spec = tf.DeviceSpec.from_string(device)
+        tasks[(spec.job, spec.task)] = i
+    received = {}  # (tensor name, receiving worker) -> its PkMeshRecv output
+    for op in list(graph.get_operations()):
+        here = _party(op, tasks)
+        if here is None or op.type in (SEND, RECV):
+            continue
+        for k, t in enumerate(op.inputs):
+            there = _party(t.op, tasks)
+            if there is None or there == here or t.op.type == "Placeholder":
+                continue
+            key = (t.name, here)
+            if key not in received:
+                edge = len(received)
+                with tf.device(devices[there]):
+                    ops.pk_mesh_send(step=step_id, x=t, peer=here, edge=edge)
+                with tf.device(devices[here]):
+                    received[key] = ops.pk_mesh_recv(step=step_id, T=t.dtype,
+                                                     shape=t.shape, peer=there, edge=edge)
+            op._update_input(k, received[key])
+    return len(received)
