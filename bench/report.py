@@ -171,8 +171,12 @@ def targets(results, links=None, previous=None):
 
     add("ABY3 batch-32 throughput (issue 13)", b32, "{:.0f} images/s", ">= 150 images/s",
         lambda v: v >= 150)
-    add("ABY3 batch-1 private step: TensorFlow ops (issue 13)", b1_value("step_ops"), "{:.0f}",
-        "<= 1000", lambda v: v <= 1000)
+    def protocol_ops(rows):
+        ops, mesh = b1_value("step_ops")(rows), b1_value("step_mesh_ops")(rows)
+        return None if ops is None else ops - (mesh or 0)
+
+    add("ABY3 batch-1 private step: TensorFlow ops without the mesh's send/receive ops "
+        "(issue 13)", protocol_ops, "{:.0f}", "<= 1000", lambda v: v <= 1000)
     py = find(results, "this", "aby3", 1, "python")
     r = find(results, "this", "aby3", 1, "r")
     add("R overhead over Python (ABY3 batch 1, R median - Python median)",
@@ -212,6 +216,7 @@ SIDE_BY_SIDE = [
     ("first query", "first_query_s", "{:.1f} s"),
     ("private step, median", "step_median_ms", "{:.1f} ms"),
     ("private step: TensorFlow ops (all parties)", "step_ops", "{:.0f}"),
+    ("  of which the mesh's sends and receives", "step_mesh_ops", "{:.0f}"),
     ("private step: communication rounds", "step_rounds", "{:.0f}"),
     ("private step: messages between parties (Send/Recv pairs)", "step_messages", "{:.0f}"),
     ("serving path around the step (latency - step)", "serving_path_ms", "{:.1f} ms"),
@@ -541,7 +546,10 @@ METHOD = """\
   and counts as a fourth party) by `privatekeras/mpc/graphstats.py`: ops are the graph's
   operations over all parties; a message is a tensor (or control edge) that crosses from one
   party's device to another's (one Send/Recv pair at run time, counted once per producing
-  tensor and receiving party); rounds are the longest chain of dependent crossings in the
+  tensor and receiving party), or one PkMeshSend/PkMeshRecv pair of the mesh (this release:
+  the pairs are ops of the graph, counted in the ops and shown apart; TensorFlow's own
+  Send/Recv pairs are inserted at run time and never were in the count, so the issue's ops
+  target is checked without the mesh's); rounds are the longest chain of dependent crossings in the
   dependency graph. `bench/graph.py MODEL` gives the same counts in one process, no cluster.
 - Accuracy: the private logits of every image queried are compared with plaintext Keras
   (`model.predict`) on the same images: max abs logit error and argmax agreement.

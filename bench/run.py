@@ -476,8 +476,9 @@ def graph_stats(path):
     row = next((r for r in rows if r.get("group", 1) == 1), None)
     if row is None:
         return {}
-    return {"step_" + k: row[k] for k in ("ops", "rounds", "messages", "message_bytes",
-                                          "ops_per_party", "parties") if k in row}
+    return {"step_" + k: row[k] for k in ("ops", "mesh_ops", "rounds", "messages",
+                                          "message_bytes", "ops_per_party", "parties")
+            if k in row}
 
 
 # -- links across hosts -----------------------------------------------------------------------

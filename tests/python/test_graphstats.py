@@ -41,6 +41,46 @@ def test_rounds_messages_and_bytes_by_hand():
     assert s["ops"] == len(g.get_operations())
 
 
+def test_routing_over_the_mesh_keeps_messages_rounds_and_bytes():
+    """The hand-counted graph above, routed over the mesh (privatekeras.mpc.routing): every
+    data edge between workers becomes one PkMeshSend/PkMeshRecv pair (a tensor needed twice
+    on one worker is sent once), no data edge crosses workers any more except from the step
+    id argument, and the counts are those of the unrouted graph plus the step id's."""
+    import tensorflow as tf
+
+    from privatekeras.mpc import routing
+    from privatekeras.mpc.graphstats import step_stats
+
+    g = tf.Graph()
+    with g.as_default():
+        step = tf.compat.v1.placeholder(tf.int64, [], name="step_id")
+        with tf.device(dev(0)):
+            a = tf.constant([1, 2, 3], tf.int64, name="a")
+        with tf.device(dev(1)):
+            b = tf.add(a, 1, name="b")
+            c = tf.multiply(b, a, name="c")
+        with tf.device(dev(0)):
+            d = tf.add(c, a, name="d")
+        with tf.device(dev(2)):
+            tf.identity(d, name="e")
+            tf.identity(a, name="f")
+        assert routing.route(g, [dev(i) for i in range(3)], step) == 4
+    sends = [op for op in g.get_operations() if op.type == routing.SEND]
+    recvs = [op for op in g.get_operations() if op.type == routing.RECV]
+    assert len(sends) == len(recvs) == 4
+    assert sorted((op.get_attr("peer"), op.get_attr("edge")) for op in sends) == [
+        (0, 1), (1, 0), (2, 2), (2, 3)]
+    for op in g.get_operations():
+        for t in op.inputs:
+            if t.op.type != "Placeholder" and op.type != routing.SEND:
+                assert tf.DeviceSpec.from_string(t.op.device).task == \
+                    tf.DeviceSpec.from_string(op.device).task, (op.name, t.name)
+    s = step_stats(g, dev(0))
+    # The same four messages, plus the step id that TensorFlow hands workers 1 and 2 (the
+    # argument has no device: worker 0's); rounds unchanged (the id travels alongside).
+    assert (s["rounds"], s["messages"], s["message_bytes"]) == (3, 4 + 2, 4 * 3 * 8 + 2 * 8)
+
+
 def test_control_edges_count_and_unplaced_ops_run_on_the_default_device():
     import tensorflow as tf
 

@@ -71,13 +71,15 @@ def run(tmp_path_factory):
     np.save(d / "image.npy", np.random.default_rng(7).uniform(0, 1, (1, 12, 12, 1)))
     A = free_ports(3)
     Q = free_ports(3, avoid=A)
+    M = free_ports(3, avoid=A + Q)  # the mesh ports
     api = ["localhost:{}".format(p) for p in A]
     compute = ["127.0.0.1:{}".format(p) for p in Q]
+    mesh = ["127.0.0.1:{}".format(p) for p in M]
     env = child_env()
     env["PRIVATEKERAS_RUNTIME_DIR"] = str(d / "runtime")
     make_credentials(env["PRIVATEKERAS_RUNTIME_DIR"], api)
     worker0_env = interposer_env(env)  # what the worker entry point re-executes itself with
-    worker0_env["PRIVATEKERAS_CONFINE_PORTS"] = str(Q[0])
+    worker0_env["PRIVATEKERAS_CONFINE_PORTS"] = "{},{}".format(Q[0], M[0])
 
     names = Names()
     procs, out, audit = {}, {}, None
@@ -86,10 +88,10 @@ def run(tmp_path_factory):
         audit = SocketAudit(names)
         commands = {
             "w0": ([py, str(SCRIPTS / "privacy_worker0.py"), "--hosts", ",".join(api),
-                    "--compute", ",".join(compute), "--report", str(d / "step.json")],
-                   worker0_env),
-            "w1": (worker_cmd(api, 1, compute), env),
-            "w2": (worker_cmd(api, 2, compute), env),
+                    "--compute", ",".join(compute), "--mesh", ",".join(mesh),
+                    "--report", str(d / "step.json")], worker0_env),
+            "w1": (worker_cmd(api, 1, compute, mesh=mesh), env),
+            "w2": (worker_cmd(api, 2, compute, mesh=mesh), env),
         }
         for name, (cmd, e) in commands.items():
             procs[name] = popen(cmd, e)
@@ -141,7 +143,7 @@ def run(tmp_path_factory):
         r.owner = pickle.load(f)
     with open(d / "client.pkl", "rb") as f:
         r.client = pickle.load(f)
-    r.audit, r.A, r.Q = audit, A, Q
+    r.audit, r.A, r.Q, r.M = audit, A, Q, M
     r.owner_output = out["owner"].text()
     r.elapsed = time.monotonic() - t_start
     return r
@@ -168,15 +170,16 @@ def _producers(node_input):
 
 
 def test_every_op_of_the_step_runs_on_one_of_the_three_workers(run):
-    """The traced step takes one argument, the string vector of query ids (fed by worker 0
-    itself), and captures nothing from outside the step. Every other op of its graph is
-    placed on one of the three workers' devices, so nothing runs anywhere else; ops in the
-    functions it calls (while-loop bodies) carry no device or a worker's device (a body runs
-    on the device of the loop op that calls it, itself placed on a worker)."""
+    """The traced step takes two arguments, the string vector of query ids and the int64
+    step id (both fed by worker 0 itself), and captures nothing from outside the step. Every
+    other op of its graph is placed on one of the three workers' devices, so nothing runs
+    anywhere else; ops in the functions it calls (while-loop bodies) carry no device or a
+    worker's device (a body runs on the device of the loop op that calls it, itself placed on
+    a worker)."""
     s = run.step
     devices = {_canonical(d) for d in s["devices"]}
     assert len(devices) == 3
-    assert [a[1] for a in s["arguments"]] == ["string"], s["arguments"]
+    assert [a[1] for a in s["arguments"]] == ["string", "int64"], s["arguments"]
     assert s["captured"] == 0
     arguments = {a[0].split(":")[0] for a in s["arguments"]}
     placed = collections.Counter(_canonical(n["device"]) for n in s["nodes"]
@@ -190,6 +193,91 @@ def test_every_op_of_the_step_runs_on_one_of_the_three_workers(run):
         assert {_canonical(n["device"]) for n in body} <= devices | {""}, name
 
 
+def test_every_tensor_between_workers_goes_over_the_mesh(run):
+    """The step's protocol messages are routed over the workers' mesh
+    (privatekeras.mpc.routing): in the traced graph,
+
+    - no data edge joins ops placed on two different workers, except from the step's two
+      arguments (TensorFlow's runtime hands them to each worker as the step starts): every
+      other tensor one worker's op takes from another worker's op is a PkMeshRecv's output;
+    - PkMeshSend and PkMeshRecv ops pair up one to one by ``edge``; the send sits on the
+      device of the worker that produced its tensor (its input ``x`` is made there), the
+      receive on the device of the worker its ``peer`` names, and each names the other's
+      worker as its ``peer``;
+    - both take the step id argument as their ``step``, so each execution's messages carry
+      that execution's id;
+    - every worker sends the worker before it (ABY3's re-sharing: worker i hands its masked
+      product share to worker i - 1);
+    - the graph stats count at least one message per routed edge.
+
+    Prints the routed edges per (sender, receiver) pair, the control edges between workers
+    (ordering only, no data) and what the routing leaves to TensorFlow: edges between an
+    op without a device and a worker's op, and edges inside called functions."""
+    s = run.step
+    devices = [_canonical(d) for d in s["devices"]]
+    worker = {d: i for i, d in enumerate(devices)}
+    nodes = {n["name"]: n for n in s["nodes"]}
+    arguments = {a[0].split(":")[0] for a in s["arguments"]}
+    step_id = s["arguments"][1][0].split(":")[0]
+
+    def party(name):
+        return worker.get(_canonical(nodes[name]["device"]))
+
+    crossing, control, unplaced = [], 0, 0
+    for n in s["nodes"]:
+        here = party(n["name"])
+        for i in n["inputs"]:
+            src = _producers(i)
+            there = party(src)
+            if i.startswith("^"):
+                control += here is not None and there is not None and here != there
+            elif here is None or there is None:
+                unplaced += here != there and src not in arguments
+            elif here != there and src not in arguments and nodes[src]["op"] != "PkMeshRecv":
+                crossing.append((src, n["name"]))
+    assert not crossing, "{} data edges between workers bypass the mesh, e.g. {}".format(
+        len(crossing), crossing[:5])
+
+    sends = collections.defaultdict(list)
+    recvs = collections.defaultdict(list)
+    for n in s["nodes"]:
+        if n["op"] == "PkMeshSend":
+            sends[n["edge"]].append(n)
+        elif n["op"] == "PkMeshRecv":
+            recvs[n["edge"]].append(n)
+    assert sends and set(sends) == set(recvs), (sorted(sends), sorted(recvs))
+    twice = [e for e in sends if len(sends[e]) != 1 or len(recvs[e]) != 1]
+    assert not twice, [(sends[e], recvs[e]) for e in twice[:3]]
+    pairs = collections.Counter()
+    for edge in sorted(sends):
+        send, recv = sends[edge][0], recvs[edge][0]
+        frm, to = party(send["name"]), party(recv["name"])
+        assert frm is not None and to is not None and frm != to, (send, recv)
+        assert send["peer"] == to and recv["peer"] == frm, (send, recv)
+        assert [_producers(i) for i in send["inputs"][:1]] == [step_id], send
+        assert [_producers(i) for i in recv["inputs"][:1]] == [step_id], recv
+        x = _producers(send["inputs"][1])
+        assert party(x) == frm and x not in arguments, (send, nodes[x])
+        pairs[(frm, to)] += 1
+    assert {(i, (i - 1) % 3) for i in range(3)} <= set(pairs), pairs
+    assert s["stats"]["messages"] >= len(sends), s["stats"]
+
+    inside = 0  # data edges inside called functions between two workers' devices
+    for body in s["functions"].values():
+        placed = {n["name"]: _canonical(n["device"]) for n in body}
+        inside += sum(1 for n in body for i in n["inputs"] if not i.startswith("^")
+                      and placed.get(_producers(i)) and placed[n["name"]]
+                      and placed[_producers(i)] != placed[n["name"]])
+    print("\nrouted edges over the mesh: {} ({}); control edges between workers: {}; left to "
+          "TensorFlow: {} data edges between an unplaced op and a worker's op, {} between "
+          "workers inside called functions; stats: {}".format(
+              len(sends), ", ".join("w{}->w{} {}".format(a, b, k)
+                                    for (a, b), k in sorted(pairs.items())),
+              control, unplaced, inside,
+              {k: v for k, v in s["stats"].items() if k != "ops_by_type"}))
+    assert inside == 0
+
+
 def test_the_pairwise_prf_keys_are_drawn_inside_the_step(run):
     """ABY3's pairwise PRF keys are set up inside the traced step (``prot.reset()`` in the
     step), so every execution draws new keys: the step graph holds the three key seeds
@@ -197,12 +285,24 @@ def test_the_pairwise_prf_keys_are_drawn_inside_the_step(run):
     and each feeds PRF evaluations (PkSeededRandomUniform). Every PRF evaluation of the step
     takes its key from a PkSecureSeed op of the step, never from a placeholder or a captured
     tensor -- keys made once when the engine was built would be captured constants of the
-    graph, and every query would reuse the same masks."""
+    graph, and every query would reuse the same masks. A key that crosses between workers
+    does so over the mesh: the walk goes from a PkMeshRecv to the tensor its PkMeshSend
+    sent (the step id both take only names the message)."""
     s = run.step
     nodes = {n["name"]: n for n in s["nodes"]}
+    sends = {n["edge"]: n for n in s["nodes"] if n["op"] == "PkMeshSend"}
+
+    def inputs(n):
+        """What ``n``'s value comes from: a PkMeshRecv's, its PkMeshSend's tensor."""
+        if n["op"] == "PkMeshRecv":
+            return [sends[n["edge"]]["name"]] + [i for i in n["inputs"] if i.startswith("^")]
+        if n["op"] == "PkMeshSend":
+            return n["inputs"][1:]
+        return n["inputs"]
+
     consumers = collections.defaultdict(set)
     for n in s["nodes"]:
-        for i in n["inputs"]:
+        for i in inputs(n):
             consumers[_producers(i)].add(n["name"])
     devices = [_canonical(d) for d in s["devices"]]
     seeds = {}
@@ -228,7 +328,7 @@ def test_the_pairwise_prf_keys_are_drawn_inside_the_step(run):
     def upstream(name):
         seen, todo = {name}, [name]
         while todo:
-            for i in nodes[todo.pop()]["inputs"]:
+            for i in inputs(nodes[todo.pop()]):
                 p = _producers(i)
                 if p not in seen:
                     seen.add(p)
@@ -262,9 +362,9 @@ def test_randomness_comes_only_from_our_csprng(run):
 def test_nothing_of_a_query_flows_back_to_the_model_owner(run):
     """The owner's process (and the client's) runs no server: sampled throughout the run it
     never listens on any socket, and every connection it has goes to a worker's API port
-    (a worker process at the other end), never to a compute port. Of the API, the owner only
-    called owner methods, and nothing it received holds a window of the client's input
-    shares, answer shares, input or answer."""
+    (a worker process at the other end), never to a compute or mesh port. Of the API, the
+    owner only called owner methods, and nothing it received holds a window of the client's
+    input shares, answer shares, input or answer."""
     r = run
     for party, least in (("owner", 10), ("client", 3)):  # the client lives a second or two
         assert r.audit.samples[party] >= least, r.audit.samples
@@ -272,7 +372,7 @@ def test_nothing_of_a_query_flows_back_to_the_model_owner(run):
         links = r.audit.links[party]
         assert links and all(rport in r.A for _, rport, _ in links), (party, links)
         assert all(peer in WORKERS for _, _, peer in links), (party, links)
-        assert not [link for link in links if link[1] in r.Q], (party, links)
+        assert not [link for link in links if link[1] in r.Q + r.M], (party, links)
     from privatekeras import wire
 
     messages = r.owner["messages"]
@@ -297,14 +397,18 @@ def test_nothing_of_a_query_flows_back_to_the_model_owner(run):
 def test_workers_listen_where_the_cluster_says_and_compute_on_loopback_only(run):
     """Each worker (worker 0 run by the test's harness included) has our kernels and the
     loopback interposer mapped, and listens on exactly its API port (the Cluster hosts'
-    port, loopback addresses for "localhost") and its compute port (127.0.0.1 only)."""
+    port, loopback addresses for "localhost"), its compute port and its mesh port (both
+    127.0.0.1 only); worker 0's harness confined (and checked) both of the latter."""
     from privatekeras.deploy.listening import is_loopback
 
     r = run
+    assert r.step["confined_ports"] == [r.Q[0], r.M[0]], r.step["confined_ports"]
     for i, w in enumerate(WORKERS):
         assert r.kernels in r.maps[w], w
         assert r.shim in r.maps[w], w
         listening = r.audit.listening[w]
-        assert {port for _, _, port in listening} == {r.A[i], r.Q[i]}, (w, listening)
-        assert {s for s in listening if s[2] == r.Q[i]} == {("ipv4", "127.0.0.1", r.Q[i])}
+        assert {port for _, _, port in listening} == {r.A[i], r.Q[i], r.M[i]}, (w, listening)
+        for port in (r.Q[i], r.M[i]):
+            assert {s for s in listening if s[2] == port} == {("ipv4", "127.0.0.1", port)}, (
+                w, port, listening)
         assert all(is_loopback(family, address) for family, address, _ in listening)

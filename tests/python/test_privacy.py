@@ -6,7 +6,7 @@ with credentials from ``deploy.pki.make_local``), a model owner sharing the trai
 CNN and serving three queries, and a client sending one image three times: query 0 with fresh
 shares, queries 1 and 2 with one and the same share set (byte-identical submissions).
 
-Two kinds of links, both recorded by TCP proxies in this process:
+Three kinds of links, all recorded by TCP proxies in this process:
 
 - **API** (owner/client/worker -> worker i's API; gRPC over mutual TLS): worker i binds its API
   on a private port R_i, and everyone else is told its address is A_i, where a proxy forwards
@@ -16,19 +16,28 @@ Two kinds of links, both recorded by TCP proxies in this process:
   is checked at the message level instead: the owner and client scripts (privacy_owner.py,
   privacy_client.py) wrap, in their own processes, the stubs they call the workers with and
   keep every request and reply (privacy_record.py), together with the shares they made.
-- **compute** (worker <-> worker, TensorFlow's plaintext gRPC, HTTP/2 + protobuf): worker i's
-  TensorFlow server binds Q_i (``--compute-port``) while ``--compute`` names the proxies P_j for
-  everyone, so every byte between workers crosses a proxy. A socket audit samples the workers'
-  sockets throughout to show nothing bypasses the proxies.
+- **compute** (worker <-> worker, TensorFlow's plaintext gRPC, HTTP/2 + protobuf: what starts
+  each step on each worker, with the query ids and the step id, and any tensor the mesh
+  routing leaves to TensorFlow): worker i's TensorFlow server binds Q_i (``--compute-port``)
+  while ``--compute`` names the proxies P_j for everyone.
+- **mesh** (worker <-> worker, one TCP connection per pair, opened by the lower-indexed
+  worker: a mutual TLS 1.3 handshake, then the step's protocol messages as raw frames, see
+  privatekeras.deploy.mesh): worker i's mesh binds N_i (``--mesh-port``) while ``--mesh``
+  names the proxies M_j for everyone.
+
+So every byte between workers crosses a proxy; a socket audit samples the workers' sockets
+throughout to show nothing bypasses the proxies.
 
 Each proxied connection is attributed to the process that opened it (its socket inode in
-/proc), so worker i's view of the compute links is every byte through its compute proxy plus
-every byte on compute connections it opened.
+/proc), so worker i's view of the links between workers is every byte through its compute and
+mesh proxies plus every byte on compute and mesh connections it opened.
 
 Byte search: every recorded compute stream is also de-framed (HTTP/2 DATA payloads reassembled
-per stream), so a tensor split across frames is contiguous again. Needles are 8-element windows
-(64 bytes for int64/float64) that are "informative": all 8 elements non-zero and at least 4
-distinct, so a window cannot match padding or small constants by chance.
+per stream), and every mesh stream too (its frames' payloads, each one whole tensor,
+concatenated), so a tensor split across frames, or cut by frame headers, is contiguous again.
+Needles are 8-element windows (64 bytes for int64/float64) that are "informative": all 8
+elements non-zero and at least 4 distinct, so a window cannot match padding or small constants
+by chance.
 """
 
 import collections
@@ -44,11 +53,11 @@ import pytest
 from conftest import LOGIT_ATOL, SCRIPTS, child_env
 
 sys.path.insert(0, str(SCRIPTS))
-from privacy_net import (PREFACE, Haystack, Lines, Names, RecordingProxy,  # noqa: E402
-                         SocketAudit, found, free_ports, http2_data, http2_data_frames,
-                         join_streams, make_credentials, maps, popen,
-                         random_looking_chunks, stop, tls_records, wait_for, windows,
-                         worker_cmd)
+from privacy_net import (MESH_MAGIC, PREFACE, Haystack, Lines, Names,  # noqa: E402
+                         RecordingProxy, SocketAudit, found, free_ports, http2_data,
+                         http2_data_frames, join_streams, make_credentials, maps, mesh_data,
+                         mesh_frames, mesh_stream, popen, random_looking_chunks, stop,
+                         tls_records, wait_for, windows, worker_cmd)
 
 SCALE = 2.0 ** 16  # the fixed point: round(x * 2^16) as int64 (mod 2^64)
 # The tutorial CNN ends in a Dense, whose product the workers leave untruncated: the answer
@@ -57,6 +66,7 @@ ANSWER_SCALE = SCALE ** 2
 QUERIES = 3
 SAME_FROM = 1  # queries 1 and 2 carry byte-identical shares
 WORKERS = ("w0", "w1", "w2")
+WORKER_LINKS = ("compute", "mesh")  # the links between workers
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,8 +101,11 @@ def run(models, tmp_path_factory):
     R = free_ports(3, avoid=A)  # what the workers' API servers bind
     P = free_ports(3, avoid=A + R)  # the compute ports as the workers reach them: proxies
     Q = free_ports(3, avoid=A + R + P)  # what the workers' TensorFlow servers bind
+    M = free_ports(3, avoid=A + R + P + Q)  # the mesh ports as the workers reach them: proxies
+    N = free_ports(3, avoid=A + R + P + Q + M)  # what the workers' meshes bind
     api = ["localhost:{}".format(p) for p in A]
     compute = ["127.0.0.1:{}".format(p) for p in P]
+    mesh = ["127.0.0.1:{}".format(p) for p in M]
     own_hosts = [[api[j] if j != i else "localhost:{}".format(R[i]) for j in range(3)]
                  for i in range(3)]
     env = child_env()
@@ -104,10 +117,11 @@ def run(models, tmp_path_factory):
     proxies, workers, others, out, audit = [], [], [], {}, None
     try:
         proxies = ([RecordingProxy("api", i, A[i], R[i], names) for i in range(3)]
-                   + [RecordingProxy("compute", i, P[i], Q[i], names) for i in range(3)])
+                   + [RecordingProxy("compute", i, P[i], Q[i], names) for i in range(3)]
+                   + [RecordingProxy("mesh", i, M[i], N[i], names) for i in range(3)])
         audit = SocketAudit(names)
         for i in range(3):
-            workers.append(popen(worker_cmd(own_hosts[i], i, compute, Q[i]), env))
+            workers.append(popen(worker_cmd(own_hosts[i], i, compute, Q[i], mesh, N[i]), env))
             names.pids[WORKERS[i]] = workers[-1].pid
             out[WORKERS[i]] = Lines(workers[-1])
 
@@ -156,7 +170,7 @@ def run(models, tmp_path_factory):
     r.elapsed_run = time.monotonic() - t_start
     r.owner_output = out["owner"].text()
     r.t_start, r.audit, r.names = t_start, audit, names
-    r.A, r.R, r.P, r.Q, r.api = A, R, P, Q, api
+    r.A, r.R, r.P, r.Q, r.M, r.N, r.api = A, R, P, Q, M, N, api
     r.proxy_errors = [e for p in proxies for e in p.errors]
     r.conns = [c for p in proxies for c in p.connections]
 
@@ -179,15 +193,21 @@ def run(models, tmp_path_factory):
 
     r.model_weights = convert(str(models / "tutorial.keras")).weights
 
-    # Haystacks: compute streams raw and de-framed, API streams raw.
+    # Haystacks: compute and mesh streams raw and de-framed, API streams raw. Each mesh
+    # stream parsed once: r.mesh[(k, direction)] = (TLS records, frames, complete).
     t = time.monotonic()
-    r.hay, r.complete = {}, {}
+    r.hay, r.complete, r.mesh = {}, {}, {}
     for k, conn in enumerate(r.conns):
         for direction in ("to_worker", "from_worker"):
             raw = conn.data(direction)
             if conn.link == "compute":
                 data, r.complete[(k, direction)] = http2_data(raw)
                 r.hay[(k, direction)] = [Haystack(raw), Haystack(data)]
+            elif conn.link == "mesh":
+                records, frames, complete = r.mesh[(k, direction)] = mesh_stream(raw)
+                r.complete[(k, direction)] = complete
+                r.hay[(k, direction)] = [Haystack(raw),
+                                         Haystack(b"".join(f.payload for f in frames))]
             else:
                 r.hay[(k, direction)] = [Haystack(raw)]
     r.index_time = time.monotonic() - t
@@ -195,41 +215,71 @@ def run(models, tmp_path_factory):
 
 
 # -- views ---------------------------------------------------------------------------------
-def compute_view(r, i):
-    """Haystacks of every byte worker i sent or received on the compute links."""
-    return [h for k, c in enumerate(r.conns) if c.link == "compute"
+def worker_link_view(r, i):
+    """Haystacks of every byte worker i sent or received on the links between workers
+    (compute and mesh)."""
+    return [h for k, c in enumerate(r.conns) if c.link in WORKER_LINKS
             and (c.worker == i or c.origin == WORKERS[i])
             for d in ("to_worker", "from_worker") for h in r.hay[(k, d)]]
 
 
-def sent_between(r, j, i):
-    """Haystacks of the compute bytes worker j sent worker i."""
-    out = []
-    for k, c in enumerate(r.conns):
-        if c.link != "compute":
-            continue
-        if c.worker == i and c.origin == WORKERS[j]:
-            out += r.hay[(k, "to_worker")]
-        elif c.worker == j and c.origin == WORKERS[i]:
-            out += r.hay[(k, "from_worker")]
-    return out
+def directed(c, d, j, i):
+    """Whether direction ``d`` of connection ``c`` carries what worker j sent worker i."""
+    return ((d, c.worker, c.origin) in (("to_worker", i, WORKERS[j]),
+                                        ("from_worker", j, WORKERS[i])))
+
+
+def sent_between(r, j, i, kinds=WORKER_LINKS):
+    """Haystacks of the bytes worker j sent worker i on the links between workers (``kinds``:
+    compute and mesh)."""
+    return [h for k, c in enumerate(r.conns) if c.link in kinds
+            for d in ("to_worker", "from_worker") if directed(c, d, j, i)
+            for h in r.hay[(k, d)]]
+
+
+def between_workers(r):
+    """Haystacks of every byte on the links between workers (compute and mesh)."""
+    return [h for k, c in enumerate(r.conns) if c.link in WORKER_LINKS
+            for d in ("to_worker", "from_worker") for h in r.hay[(k, d)]]
 
 
 def all_traffic(r):
     return [h for hs in r.hay.values() for h in hs]
 
 
-def compute_payload(r, t0, t1, links=None):
-    """The compute bytes of the HTTP/2 DATA frames that arrived between t0 and t1, reassembled
-    per connection, direction and stream; ``links`` picks (connection, direction) pairs."""
+def mesh_frames_between(r, t0, t1, links=None):
+    """(connection, direction, frame) of the mesh frames whose last byte arrived between t0
+    and t1; ``links`` picks (connection, direction) pairs."""
+    out = []
+    for k, c in enumerate(r.conns):
+        for d in ("to_worker", "from_worker"):
+            if c.link != "mesh" or (links is not None and not links(c, d)):
+                continue
+            frames = r.mesh[(k, d)][1]
+            times = c.arrival(d, [f.end for f in frames])
+            out += [(c, d, f) for f, t in zip(frames, times) if t0 <= t <= t1]
+    return out
+
+
+def worker_payload(r, t0, t1, links=None, kinds=WORKER_LINKS):
+    """The payload bytes that arrived between t0 and t1 on the links between workers, one
+    string per connection and direction: on compute, the HTTP/2 DATA frames' payloads
+    reassembled per stream; on the mesh, the frames' payloads (whole tensors) concatenated.
+    ``links`` picks (connection, direction) pairs, ``kinds`` the kinds of link."""
     out = []
     for c in r.conns:
         for d in ("to_worker", "from_worker"):
-            if c.link != "compute" or (links is not None and not links(c, d)):
+            if c.link not in kinds or c.link == "mesh" or (links is not None and
+                                                           not links(c, d)):
                 continue
             frames, _ = http2_data_frames(c.data(d))
             times = c.arrival(d, [end for end, _, _ in frames])
             out.append(join_streams([f for f, t in zip(frames, times) if t0 <= t <= t1]))
+    if "mesh" in kinds:
+        per = collections.OrderedDict()
+        for c, d, f in mesh_frames_between(r, t0, t1, links):
+            per.setdefault((id(c), d), []).append(f.payload)
+        out += [b"".join(p) for p in per.values()]
     return out
 
 
@@ -350,6 +400,49 @@ def test_wire_search_finds_tensors_split_across_http2_frames():
     assert not found([Haystack(data), Haystack(raw)], other)
 
 
+def mesh_frame(dtype, step, edge, shape, payload, nbytes=None, magic=MESH_MAGIC):
+    """One mesh frame as privatekeras' mesh kernels write it (little-endian)."""
+    head = (magic + dtype.to_bytes(4, "little") + step.to_bytes(8, "little", signed=True)
+            + edge.to_bytes(8, "little", signed=True) + len(shape).to_bytes(4, "little")
+            + b"".join(d.to_bytes(8, "little", signed=True) for d in shape))
+    n = len(payload) if nbytes is None else nbytes
+    return head + n.to_bytes(8, "little") + payload
+
+
+def test_mesh_parser_reads_tls_records_then_whole_frames():
+    """The mesh parser itself: a stream of TLS records followed by frames (an int64 tensor
+    whose windows the frame headers would cut, a bool scalar, an empty uint8 tensor) parses
+    to the end, with each frame's header fields and payload; the payloads concatenated hold
+    the tensor's windows. A frame cut short, a payload size that does not match the shape, an
+    unknown dtype or a wrong magic stops the parse (incomplete)."""
+    rng = np.random.default_rng(6)
+    secret = rng.integers(1, 2 ** 62, size=(4, 10), dtype=np.int64)
+    tls = (b"\x16\x03\x01\x00\x04" + b"\x01\x00\x00\x00" + b"\x14\x03\x03\x00\x01\x01"
+           + b"\x17\x03\x03\x00\x03abc")
+    step = 1_700_000_000_123_456_789
+    frames = [mesh_frame(10, step, 8, [], b"\x01"),
+              mesh_frame(4, step, 9, [0, 3], b""),
+              mesh_frame(9, step, 7, [4, 5], secret[:2].tobytes()),
+              mesh_frame(9, step + 1, 7, [2, 10], secret[2:].tobytes())]
+    raw = tls + b"".join(frames)
+    records, parsed, complete = mesh_stream(raw)
+    assert complete and [t for t, _, _ in records] == [22, 20, 23]
+    assert [(f.dtype, f.step, f.edge, f.shape) for f in parsed] == [
+        ("bool", step, 8, ()), ("uint8", step, 9, (0, 3)), ("int64", step, 7, (4, 5)),
+        ("int64", step + 1, 7, (2, 10))]
+    assert parsed[0].start == len(tls) and parsed[-1].end == len(raw)
+    data, complete = mesh_data(raw)
+    assert complete and data == b"\x01" + secret.tobytes()
+    needles = windows(secret)
+    assert found([Haystack(data)], needles) == set(needles)
+    assert set(needles) - found([Haystack(raw)], needles)  # headers cut some windows
+    alone, complete = mesh_frames(b"".join(frames))  # the same frames, without the TLS
+    assert complete and [f[2:] for f in alone] == [f[2:] for f in parsed]
+    for bad in (raw[:-1], tls + mesh_frame(9, step, 7, [4, 5], secret[:2].tobytes(), 79),
+                tls + mesh_frame(1, step, 7, [4], secret[0, :4].tobytes()),
+                tls + mesh_frame(9, step, 7, [4], secret[0, :4].tobytes(), magic=b"PKM2")):
+        assert not mesh_stream(bad)[2]
+
 
 def test_the_recorded_queries_are_real(run):
     """The run answered three real queries: the client's logits are the decoding of the
@@ -374,20 +467,28 @@ def test_every_byte_between_workers_goes_through_a_recording_proxy(run):
 
     - sampled every 0.2 s throughout the run, every established TCP connection of every
       worker has one of this test's proxies at its other end, and is either accepted on the
-      worker's own API or compute port (which only its proxies know) or opened to a proxy
-      port: no worker ever talks to another directly (the workers' gRPC and TensorFlow
-      connections are long-lived, so none escapes the sampling);
-    - the owner and the client connect to the API proxies only (never a compute port);
+      worker's own API, compute or mesh port (which only its proxies know) or opened to a
+      proxy port: no worker ever talks to another directly (the workers' gRPC, TensorFlow and
+      mesh connections are long-lived, so none escapes the sampling);
+    - the owner and the client connect to the API proxies only (never a compute or mesh
+      port);
     - once all workers were up, every proxied connection reached its worker;
     - every proxied connection is attributed to the process that opened it; only workers
-      open compute connections; every recorded compute stream is a whole sequence of HTTP/2
-      frames;
+      open compute and mesh connections, and the mesh is exactly one connection per pair of
+      workers, opened by the lower-indexed one; every recorded compute stream is a whole
+      sequence of HTTP/2 frames, every recorded mesh stream a run of TLS records followed
+      by whole mesh frames, to its last byte;
     - positive control: each query's id (the step's argument) is found in what worker 0 sent
-      workers 1 and 2 on the compute links while that query was evaluated.
+      workers 1 and 2 on the compute links while that query was evaluated;
+    - the protocol's messages go over the mesh: while each query was evaluated, each of the
+      three pairs of workers exchanged mesh frames, and most of the bytes between workers
+      (for worker 1 and for worker 2: most of the bytes it sent or received from the other
+      workers) went over mesh links, not compute.
     Prints the bytes per link and phase."""
     r = run
-    # Worker 0 polls the others' APIs until they answer: while worker i starts, its API
-    # proxy may find nobody behind it. After that, no proxy ever failed to connect.
+    # Worker 0 polls the others' APIs until they answer, and each worker dials the meshes of
+    # the higher-indexed ones until they listen: while worker i starts, a proxy may find
+    # nobody behind it. After that, no proxy ever failed to connect.
     assert all("Connection refused" in e for _, e in r.proxy_errors), r.proxy_errors
     assert not [e for t, e in r.proxy_errors if t > r.t_ready], r.proxy_errors
     known = {"owner", "client"} | set(WORKERS)
@@ -396,23 +497,47 @@ def test_every_byte_between_workers_goes_through_a_recording_proxy(run):
     for i, w in enumerate(WORKERS):
         assert r.audit.links[w], w
         bad = [(lport, rport, peer) for lport, rport, peer in r.audit.links[w]
-               if peer != "test" or not (lport in (r.R[i], r.Q[i]) or rport in r.A + r.P)]
+               if peer != "test" or not (lport in (r.R[i], r.Q[i], r.N[i])
+                                         or rport in r.A + r.P + r.M)]
         assert not bad, (w, bad)
+        assert [link for link in r.audit.links[w] if link[0] == r.N[i] or link[1] in r.M], w
     for party in ("owner", "client"):
         assert r.audit.links[party]
         bad = [link for link in r.audit.links[party] if link[1] not in r.A or link[2] != "test"]
         assert not bad, (party, bad)
     assert {c.origin for c in r.conns} <= known, {c.origin for c in r.conns}
-    assert {c.origin for c in r.conns if c.link == "compute"} <= set(WORKERS)
-    assert all(r.complete.values()), [k for k, v in r.complete.items() if not v]
+    assert {c.origin for c in r.conns if c.link in WORKER_LINKS} <= set(WORKERS)
+    mesh = sorted((c.origin, c.worker) for c in r.conns if c.link == "mesh")
+    assert mesh == [("w0", 1), ("w0", 2), ("w1", 2)], mesh
+    assert all(r.complete.values()), [(r.conns[k].link, r.conns[k].origin, r.conns[k].worker,
+                                       d) for (k, d), v in r.complete.items() if not v]
 
     for q, query in enumerate(r.queries):
         qid = submits(r, 0)[q].query_id.encode()
         for i in (1, 2):
-            sent = compute_payload(r, query["t_start"], query["t_end"], lambda c, d: (
-                (d, c.worker, c.origin) in (("to_worker", i, "w0"),
-                                            ("from_worker", 0, WORKERS[i]))))
+            sent = worker_payload(r, query["t_start"], query["t_end"],
+                                  lambda c, d: directed(c, d, 0, i), kinds=("compute",))
             assert any(qid in data for data in sent), (q, i)
+
+    print("\nbytes between workers while each query was evaluated (compute / mesh):")
+    for q, query in enumerate(r.queries):
+        b = phase_bytes(r, query["t_start"], query["t_end"])
+
+        def total(link, i=None):
+            return sum(n for (lk, origin, w, _d), n in b.items() if lk == link
+                       and (i is None or w == i or origin == WORKERS[i]))
+
+        pairs = collections.Counter()
+        for c, _d, f in mesh_frames_between(r, query["t_start"], query["t_end"]):
+            pairs[(c.origin, c.worker)] += 1
+        print("  query {}: all {:,} / {:,}; worker 1 {:,} / {:,}; worker 2 {:,} / {:,}; "
+              "mesh frames per pair {}".format(
+                  q, total("compute"), total("mesh"), total("compute", 1), total("mesh", 1),
+                  total("compute", 2), total("mesh", 2), dict(pairs)))
+        assert set(pairs) == {("w0", 1), ("w0", 2), ("w1", 2)}, (q, pairs)
+        assert total("mesh") > total("compute"), q
+        for i in (1, 2):
+            assert total("mesh", i) > total("compute", i), (q, i)
 
     phases = [("sharing the weights, tracing and warming up the step", r.t_ready, r.t_shared),
               ("query 0 (includes the client's start)", r.t_shared, r.queries[0]["t_end"])]
@@ -422,7 +547,7 @@ def test_every_byte_between_workers_goes_through_a_recording_proxy(run):
     for name, t0, t1 in phases:
         b = phase_bytes(r, t0, t1)
         print("  {} ({:.2f} s):".format(name, t1 - t0))
-        for link in ("api", "compute"):
+        for link in ("api",) + WORKER_LINKS:
             for origin in ["owner", "client"] + list(WORKERS):
                 cells = ["w{} {:>9,} / {:>9,}".format(i, b[(link, origin, i, "to_worker")],
                                                        b[(link, origin, i, "from_worker")])
@@ -485,12 +610,90 @@ def test_the_api_links_are_tls_on_the_wire(run):
     assert not found(raw, shares)
 
 
+def varint(n):
+    """``n`` (>= 0) as a protobuf varint."""
+    out = b""
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            return out + bytes([low])
+        out += bytes([low | 0x80])
+
+
+def test_mesh_links_authenticate_before_any_frame(run):
+    """Each mesh connection authenticates before it carries a single protocol message:
+
+    - both directions open with a TLS handshake record (0x16 0x03 ...: the dialer's
+      ClientHello, the acceptor's ServerHello), never with a frame or an HTTP/2 preface;
+    - each direction is a run of TLS records -- one handshake record, then only change
+      cipher spec and encrypted records, at least three of those (TLS 1.3 hides alert
+      types: the rest of the handshake, the hello line or its answer, the close_notify) --
+      followed by whole mesh frames to its last byte; the hello line ("PKMESH1 i j") is not
+      readable in it;
+    - no frame in one direction arrived before the last TLS record of the other direction:
+      each worker sends frames only once it has its peer's close_notify, which ends a
+      handshake that authenticated the peer;
+    - no frame carries step id 0, and each (step, edge) is one message: it occurs once in all
+      the mesh traffic;
+    - each query's frames carry one step id of their own, greater than the previous query's,
+      and worker 0 handed that id to workers 1 and 2 on the compute links during the query
+      (the step's argument: 8 bytes little-endian, or a protobuf varint)."""
+    r = run
+    mesh = [(k, c) for k, c in enumerate(r.conns) if c.link == "mesh"]
+    assert len(mesh) == 3, [(c.origin, c.worker) for _, c in mesh]
+    other = {"to_worker": "from_worker", "from_worker": "to_worker"}
+    messages = collections.Counter()
+    for k, c in mesh:
+        tls_end, first_frame = {}, {}
+        for d in ("to_worker", "from_worker"):
+            raw = c.data(d)
+            records, frames, complete = r.mesh[(k, d)]
+            where = (c.origin, c.worker, d)
+            assert raw[:2] == b"\x16\x03" and not raw.startswith(PREFACE), (where, raw[:8])
+            assert complete and records, (where, complete, len(records), len(frames))
+            assert records[0][0] == 22, (where, records[0])
+            assert {t for t, _, _ in records[1:]} <= {20, 23}, (where, records)
+            assert sum(t == 23 for t, _, _ in records) >= 3, (where, records)
+            tls_end[d] = sum(5 + n for _, _, n in records)
+            assert b"PKMESH1" not in raw[:tls_end[d]], where
+            if frames:
+                first_frame[d] = c.arrival(d, [frames[0].start + 1])[0]
+            messages.update((f.step, f.edge) for f in frames)
+        assert first_frame, (c.origin, c.worker)
+        for d, t in first_frame.items():
+            authenticated = c.arrival(other[d], [tls_end[other[d]]])[0]
+            assert t >= authenticated, (c.origin, c.worker, d, t - authenticated)
+    assert not [m for m in messages if m[0] == 0], "frames with step id 0"
+    twice = [m for m, n in messages.items() if n > 1]
+    assert not twice, "{} (step, edge) pairs sent more than once, e.g. {}".format(
+        len(twice), twice[:3])
+
+    previous = None
+    for q, query in enumerate(r.queries):
+        steps = {f.step for _, _, f in mesh_frames_between(r, query["t_start"], query["t_end"])}
+        assert len(steps) == 1, (q, steps)
+        (step,) = steps
+        assert previous is None or step > previous, (q, previous, step)
+        previous = step
+        for i in (1, 2):
+            sent = worker_payload(r, query["t_start"], query["t_end"],
+                                  lambda c, d: directed(c, d, 0, i), kinds=("compute",))
+            encodings = [step.to_bytes(8, "little", signed=True)]
+            if step > 0:
+                encodings.append(varint(step))
+            assert any(e in data for data in sent for e in encodings), (q, i, step)
+    print("\nmesh: {:,} frames, {:,} step ids; TLS records per direction {}".format(
+        sum(messages.values()), len({s for s, _ in messages}),
+        [len(r.mesh[(k, d)][0]) for k, _ in mesh for d in ("to_worker", "from_worker")]))
+
+
 def test_each_worker_receives_exactly_its_two_input_shares(run):
     """Message level: for every query the client sends worker i exactly (s_i, s_{i+1}) of the
     input's shares (s_0 + s_1 + s_2 = the encoded input), under one query id for all three
     and a different fetch digest each; the replicas agree (worker i's second share is worker
     i+1's first). No window of the third share s_{i+2} is in anything worker i received or
-    sent: its API messages and every byte of its compute links."""
+    sent: its API messages and every byte of its links to the other workers (compute and
+    mesh, raw and de-framed)."""
     r = run
     for q in range(QUERIES):
         s = r.sharings[q]["shares"]
@@ -509,15 +712,15 @@ def test_each_worker_receives_exactly_its_two_input_shares(run):
         assert len(third) > 700 * QUERIES
         assert not found(message_view(r, i), third), "worker {} was sent s_{}".format(
             i, (i + 2) % 3)
-        assert not found(compute_view(r, i), third), "worker {} saw s_{} on the wire".format(
+        assert not found(worker_link_view(r, i), third), "worker {} saw s_{} on the wire".format(
             i, (i + 2) % 3)
 
 
 def test_each_worker_returns_its_two_answer_shares_and_never_sees_the_third(run):
     """Message level: worker i answers the client's Fetch with (y_i, y_{i+1}) and the replicas
     agree (worker i's y_{i+1} is worker i+1's first share). No window of y_{i+2} is in
-    anything worker i received or sent (API messages, compute links): no single worker ever
-    holds all three answer shares."""
+    anything worker i received or sent (API messages, compute and mesh links): no single
+    worker ever holds all three answer shares."""
     r = run
     for q in range(QUERIES):
         for i in range(3):
@@ -528,7 +731,7 @@ def test_each_worker_returns_its_two_answer_shares_and_never_sees_the_third(run)
         third = [n for q in range(QUERIES) for n in windows(output_shares(r, q)[(i + 2) % 3])]
         assert len(third) == 3 * QUERIES
         assert not found(message_view(r, i), third)
-        assert not found(compute_view(r, i), third)
+        assert not found(worker_link_view(r, i), third)
 
 
 def test_each_worker_receives_exactly_its_two_shares_of_every_weight(run):
@@ -536,7 +739,7 @@ def test_each_worker_receives_exactly_its_two_shares_of_every_weight(run):
     shapes, no weight) followed by, for each of the 8 weight tensors, exactly (w_i, w_{i+1})
     of its shares (w_0 + w_1 + w_2 = round(w * 2^16)); the replicas agree. No window of the
     third share w_{i+2} of any weight is in anything worker i received or sent (API messages,
-    compute links)."""
+    compute and mesh links)."""
     import json
 
     r = run
@@ -569,28 +772,29 @@ def test_each_worker_receives_exactly_its_two_shares_of_every_weight(run):
         assert len(third) > 3000
         assert not found(message_view(r, i), third), "worker {} was sent w_{}".format(
             i, (i + 2) % 3)
-        assert not found(compute_view(r, i), third), "worker {} saw w_{}".format(i, (i + 2) % 3)
+        assert not found(worker_link_view(r, i), third), "worker {} saw w_{}".format(
+            i, (i + 2) % 3)
 
 
 def test_workers_never_send_each_other_an_input_or_weight_share(run):
     """Stronger than "never the third share": in ABY3 a worker's input and weight shares are
     only ever used locally (products are re-shared as z_i = local products + a fresh zero
     share, truncation sends masked values), so no window of any input share s_j or any weight
-    share w_j appears on any compute link at all.
+    share w_j appears on any link between workers (compute or mesh) at all.
 
     Positive control on this very traffic: the search finds what ABY3 does send. The answer
     is the last Dense's re-shared product, untruncated, plus the bias at double scale:
     y_j = z_j + b_j * 2^16. Worker 2, which holds (y_2, y_0), is sent z_0 by worker 0 (the
     re-sharing: each worker sends its masked product share to the one before it), so every
     window of y_0 - b_0 * 2^16 is found on the link from worker 0 to worker 2, in every
-    query."""
+    query: on the mesh, and not on the compute link (a protocol message, which the mesh
+    carries)."""
     r = run
-    compute = [h for k, c in enumerate(r.conns) if c.link == "compute"
-               for d in ("to_worker", "from_worker") for h in r.hay[(k, d)]]
+    links = between_workers(r)
     inputs = [n for s in r.sharings for a in s["shares"] for n in windows(a)]
     weights = weight_windows([a for w in r.weights for a in w["shares"]])
-    assert not found(compute, inputs)
-    assert not found(compute, weights)
+    assert not found(links, inputs)
+    assert not found(links, weights)
 
     bias = r.weights[-1]["shares"][0]
     with np.errstate(over="ignore"):
@@ -598,15 +802,16 @@ def test_workers_never_send_each_other_an_input_or_weight_share(run):
     for q in range(QUERIES):
         z = windows(wrapping_sum(output_shares(r, q)[0], -lifted))
         assert len(z) == 3
-        assert found(sent_between(r, 0, 2), z) == set(z), q
+        assert found(sent_between(r, 0, 2, kinds=("mesh",)), z) == set(z), q
+        assert not found(sent_between(r, 0, 2, kinds=("compute",)), z), q
 
 
 def test_no_clear_value_is_on_any_link_or_in_any_message(run):
     """No window of the input image (fixed-point int64, float32, float64), of the answer
     (fixed-point as reconstructed, float32 logits, float64) or of any weight (the owner's
     fixed-point encoding, round(w * 2^16) recomputed here, float32, float64, float64 * 2^16)
-    is in any recorded byte (compute links raw and de-framed, API links) or in any API
-    message the owner or the client exchanged with a worker."""
+    is in any recorded byte (compute and mesh links raw and de-framed, API links) or in any
+    API message the owner or the client exchanged with a worker."""
     r = run
     y_enc = reconstruct(output_shares(r, 0))
     needles = {
@@ -690,11 +895,14 @@ def test_shares_look_uniform_and_the_clear_encoding_does_not(run):
 def test_workers_run_our_kernels_and_listen_where_they_should(run):
     """- Each worker process has privatekeras' kernel library (pk_ops.so: ChaCha20 CSPRNG,
       ABY3 bit ops) and the loopback bind() interposer (pk_loopback.so) mapped;
-    - each listens on exactly two ports: its compute port Q_i on 127.0.0.1 only, and its API
-      port R_i where its --hosts entry says (localhost: loopback addresses), nothing else;
-    - what worker 0 sent workers 1 and 2 to run names our random ops (PkSecureSeed,
-      PkSeededRandomUniform; protobuf field ``op`` = tag 0x12, length, name) and no stock
-      TensorFlow random or seed op."""
+    - each listens on exactly three ports: its compute port Q_i and its mesh port N_i on
+      127.0.0.1 only, and its API port R_i where its --hosts entry says (localhost: loopback
+      addresses), nothing else;
+    - what worker 0 sent workers 1 and 2 to run (their parts of the step's graph, on the
+      compute links) names our random ops (PkSecureSeed, PkSeededRandomUniform) and our mesh
+      ops (PkMeshSend, PkMeshRecv) -- protobuf field ``op`` = tag 0x12, length, name -- and
+      nothing worker 0 sent them (compute or mesh) names a stock TensorFlow random or seed
+      op."""
     import tensorflow as tf
     from privatekeras.deploy.listening import is_loopback
 
@@ -703,8 +911,10 @@ def test_workers_run_our_kernels_and_listen_where_they_should(run):
         assert r.kernels in r.maps[w], "worker {} has not loaded {}".format(i, r.kernels)
         assert r.shim in r.maps[w], "worker {} runs without the loopback interposer".format(i)
         listening = r.audit.listening[w]
-        assert {port for _, _, port in listening} == {r.R[i], r.Q[i]}, (w, listening)
-        assert {s for s in listening if s[2] == r.Q[i]} == {("ipv4", "127.0.0.1", r.Q[i])}
+        assert {port for _, _, port in listening} == {r.R[i], r.Q[i], r.N[i]}, (w, listening)
+        for port in (r.Q[i], r.N[i]):
+            assert {s for s in listening if s[2] == port} == {("ipv4", "127.0.0.1", port)}, (
+                w, port, listening)
         assert all(is_loopback(family, address) for family, address, _ in listening)
     for party in ("owner", "client"):
         assert r.audit.listening[party] == set(), (party, r.audit.listening[party])
@@ -716,9 +926,10 @@ def test_workers_run_our_kernels_and_listen_where_they_should(run):
              if re.search("Random|Seed|Stateless|Multinomial|TruncatedNormal|Rng|Shuffle", n)]
     assert "RandomUniformInt" in stock and "StatelessRandomUniformV2" in stock
     for i in (1, 2):
+        graph = b"".join(h.data for h in sent_between(r, 0, i, kinds=("compute",)))
+        for op in ("PkSecureSeed", "PkSeededRandomUniform", "PkMeshSend", "PkMeshRecv"):
+            assert graph.count(op_field(op)) > 0, (i, op)
         sent = b"".join(h.data for h in sent_between(r, 0, i))
-        assert sent.count(op_field("PkSecureSeed")) > 0, i
-        assert sent.count(op_field("PkSeededRandomUniform")) > 0, i
         assert not [n for n in stock if op_field(n) in sent], i
 
 
@@ -729,7 +940,8 @@ def test_identical_queries_get_fresh_masks_and_fresh_answer_shares(run):
 
     - no random-looking 64-byte chunk (>= 40 distinct byte values: masked shares, PRF
       output; one every 64 bytes, so any repeated region of 127 bytes is caught) of the
-      worker-to-worker payloads of one step occurs anywhere in the other step's payloads:
+      worker-to-worker payloads of one step (the mesh frames' tensors and the compute links'
+      HTTP/2 DATA) occurs anywhere in the other step's payloads:
       every mask is new (keys made once would replay the same zero shares, so the
       first products' re-sharing and truncation messages would repeat byte for byte);
     - each of the answer shares y_0, y_1, y_2 differs in every element between the two
@@ -740,7 +952,7 @@ def test_identical_queries_get_fresh_masks_and_fresh_answer_shares(run):
         sa, sb = submits(r, i)[a], submits(r, i)[b]
         assert [t.data for t in sa.shares] == [t.data for t in sb.shares]
         assert sa.query_id != sb.query_id
-    payloads = [compute_payload(r, r.queries[q]["t_start"], r.queries[q]["t_end"])
+    payloads = [worker_payload(r, r.queries[q]["t_start"], r.queries[q]["t_end"])
                 for q in (a, b)]
     chunks = [[c for p in payload for c in random_looking_chunks(p)] for payload in payloads]
     repeated = [found([Haystack(p) for p in payloads[1 - k]], chunks[k]) for k in (0, 1)]

@@ -1,6 +1,6 @@
 """Helpers of the privacy and invariant tests (test_privacy.py, test_invariants.py): recording
-TCP proxies, who owns which socket (/proc), a socket audit, HTTP/2 and TLS framing, and the
-windowed byte search. Imported by the tests (this directory is put on sys.path), not run.
+TCP proxies, who owns which socket (/proc), a socket audit, HTTP/2, TLS and mesh framing, and
+the windowed byte search. Imported by the tests (this directory is put on sys.path), not run.
 """
 
 import collections
@@ -70,14 +70,20 @@ def popen(cmd, env):
                             env=env, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def worker_cmd(hosts, index, compute, compute_port=None):
+def worker_cmd(hosts, index, compute, compute_port=None, mesh=None, mesh_port=None):
     """``python -m privatekeras worker ...`` exactly as an operator starts a worker by hand;
-    it dies with this process (--parent-pid)."""
+    it dies with this process (--parent-pid). ``mesh`` (the three mesh addresses) and
+    ``mesh_port`` (what this worker binds, if not its --mesh port) are left to the worker's
+    defaults when None, like ``compute_port``."""
     cmd = [sys.executable, "-m", "privatekeras", "worker", "--hosts", ",".join(hosts),
            "--index", str(index), "--compute", ",".join(compute),
            "--parent-pid", str(os.getpid())]
     if compute_port is not None:
         cmd += ["--compute-port", str(compute_port)]
+    if mesh is not None:
+        cmd += ["--mesh", ",".join(mesh)]
+    if mesh_port is not None:
+        cmd += ["--mesh-port", str(mesh_port)]
     return cmd
 
 
@@ -248,7 +254,7 @@ class Connection:
     it, and every byte each way with its arrival time."""
 
     def __init__(self, link, worker):
-        self.link, self.worker = link, worker  # "api" or "compute"; worker index
+        self.link, self.worker = link, worker  # "api", "compute" or "mesh"; worker index
         self.origin = None
         self.chunks = {"to_worker": [], "from_worker": []}  # (time, bytes)
         self.lock = threading.Lock()
@@ -341,7 +347,8 @@ class RecordingProxy:
 
 
 # ----------------------------------------------------------------------------------------
-# Framing: HTTP/2 (TensorFlow's worker-to-worker gRPC, plaintext) and TLS (the API)
+# Framing: HTTP/2 (TensorFlow's worker-to-worker gRPC, plaintext), TLS (the API, and the
+# mesh's handshake) and the mesh's frames
 # ----------------------------------------------------------------------------------------
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -382,19 +389,88 @@ def http2_data(raw):
     return join_streams(frames), complete
 
 
-def tls_records(raw):
+TLS_TYPES = (20, 21, 22, 23)
+
+
+def tls_records(raw, only_tls=False):
     """The TLS records of one direction of a connection: list of (content type, version,
     length); and whether they tile the whole stream. Content types: 20 change cipher spec,
-    21 alert, 22 handshake, 23 application data."""
+    21 alert, 22 handshake, 23 application data. With ``only_tls``, the run of records stops
+    before the first header that is not a TLS record's (another content type, or a version
+    other than 3.x): where something else follows TLS on the same connection (the mesh)."""
     records, pos = [], 0
     while pos + 5 <= len(raw):
         ctype, version = raw[pos], int.from_bytes(raw[pos + 1:pos + 3], "big")
         length = int.from_bytes(raw[pos + 3:pos + 5], "big")
+        if only_tls and (ctype not in TLS_TYPES or version >> 8 != 3):
+            break
         if pos + 5 + length > len(raw):
             break
         records.append((ctype, version, length))
         pos += 5 + length
     return records, pos == len(raw)
+
+
+# The mesh (privatekeras.deploy.mesh): after the TLS handshake, one frame per message, all
+# little-endian: magic "PKM1", dtype (TensorFlow's DataType enum: a fixed-width integer or
+# bool) uint32, step int64, edge int64, rank uint32, dims int64[rank], payload bytes uint64,
+# then the tensor's raw bytes.
+MESH_MAGIC = b"PKM1"
+MESH_DTYPES = {9: ("int64", 8), 3: ("int32", 4), 5: ("int16", 2), 6: ("int8", 1),
+               23: ("uint64", 8), 22: ("uint32", 4), 17: ("uint16", 2), 4: ("uint8", 1),
+               10: ("bool", 1)}
+MESH_MAX_RANK = 8
+MeshFrame = collections.namedtuple("MeshFrame", "start end dtype step edge shape payload")
+
+
+def mesh_frames(raw, pos=0):
+    """The mesh frames of ``raw`` from offset ``pos`` on, as MeshFrame (start and end offsets
+    in ``raw``, dtype name, step, edge, shape, payload), and whether they tile the rest of
+    the stream. Parsing stops at the first header that is not a valid frame's: wrong magic,
+    a dtype the mesh does not carry, rank above MESH_MAX_RANK, a negative dimension, a
+    payload size other than the shape's elements times the dtype's size, or a frame cut
+    short."""
+    frames = []
+    while pos + 28 <= len(raw):
+        if raw[pos:pos + 4] != MESH_MAGIC:
+            break
+        dtype = int.from_bytes(raw[pos + 4:pos + 8], "little")
+        step = int.from_bytes(raw[pos + 8:pos + 16], "little", signed=True)
+        edge = int.from_bytes(raw[pos + 16:pos + 24], "little", signed=True)
+        rank = int.from_bytes(raw[pos + 24:pos + 28], "little")
+        if dtype not in MESH_DTYPES or rank > MESH_MAX_RANK:
+            break
+        head = pos + 28 + 8 * rank + 8
+        if head > len(raw):
+            break
+        shape = [int.from_bytes(raw[pos + 28 + 8 * k:pos + 36 + 8 * k], "little", signed=True)
+                 for k in range(rank)]
+        nbytes = int.from_bytes(raw[head - 8:head], "little")
+        name, size = MESH_DTYPES[dtype]
+        if any(d < 0 for d in shape) or nbytes != size * int(np.prod(shape, dtype=np.int64)):
+            break
+        if head + nbytes > len(raw):
+            break
+        frames.append(MeshFrame(pos, head + nbytes, name, step, edge, tuple(shape),
+                                raw[head:head + nbytes]))
+        pos = head + nbytes
+    return frames, pos == len(raw)
+
+
+def mesh_stream(raw):
+    """One direction of a mesh connection: the run of TLS records it opens with (the
+    handshake, hello and answer, close_notify), then mesh frames. Returns (records, frames,
+    complete): complete when the two tile the whole stream."""
+    records, _ = tls_records(raw, only_tls=True)
+    frames, complete = mesh_frames(raw, sum(5 + length for _, _, length in records))
+    return records, frames, complete
+
+
+def mesh_data(raw):
+    """The payloads of the mesh frames of one direction of a mesh connection, concatenated
+    (each frame is one whole tensor). Returns (payload, complete)."""
+    _, frames, complete = mesh_stream(raw)
+    return b"".join(f.payload for f in frames), complete
 
 
 # ----------------------------------------------------------------------------------------

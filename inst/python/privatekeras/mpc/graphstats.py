@@ -5,7 +5,8 @@ runs, TensorFlow partitions the graph per device and puts a Send/Recv pair on ev
 crosses from one device to another. So, from the graph alone:
 
 - **ops**: the graph's operations (what worker 0 traced, all three workers together), and
-  how many each party runs;
+  how many each party runs; ``mesh_ops`` says how many of them are the mesh's sends and
+  receives;
 - **messages**: the tensors (and control edges) that cross between parties, counted once per
   (producing tensor, receiving party): one Send/Recv pair each at run time;
 - **rounds**: the longest chain of dependent crossings: the depth of the dependency DAG when
@@ -75,6 +76,9 @@ def step_stats(graph, default_device=None):
     per_party = collections.Counter(keys[op.name] for op in ops)
     return {
         "ops": len(ops),
+        # of which the mesh's sends and receives: the explicit form of the Send/Recv pairs
+        # TensorFlow inserts at run time for crossing edges (which the graph never shows)
+        "mesh_ops": sum(op.type in (MESH_SEND, MESH_RECV) for op in ops),
         "ops_per_party": [per_party[i] for i in range(len(parties))],
         "parties": len(parties),
         "rounds": max(depth.values(), default=0),
