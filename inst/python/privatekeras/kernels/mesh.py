@@ -93,8 +93,8 @@ def pending():
 def send(step, x, peer, edge, name=None):
     """PkMeshSend: write tensor ``x`` to worker ``peer`` as message ``(step, edge)``.
 
-    ``step`` is a scalar int64 (tensor or number); ``x`` is int64, int32, int8, uint8, bool or
-    uint64 of rank <= 8. Blocks until the bytes are handed to the socket.
+    ``step`` is a scalar int64 (tensor or number); ``x`` is a fixed-width integer (8 to 64
+    bits, signed or not) or bool, of rank <= 8. Blocks until the bytes are handed to the socket.
     """
     import tensorflow as tf
 

@@ -35,9 +35,8 @@ def route(graph, devices, step_id):
     through a PkMeshSend/PkMeshRecv pair; ``step_id`` is the step's id argument (a scalar
     int64 placeholder: TensorFlow hands it to each worker). Each (tensor, receiving worker) gets one pair, shared by all its consumers
     there. Returns the number of routed edges."""
-    from ..kernels import loader
+    from ..kernels import mesh
 
-    ops = loader.ops()
     tasks = {}
     for i, device in enumerate(devices):
         spec = tf.DeviceSpec.from_string(device)
@@ -55,9 +54,9 @@ def route(graph, devices, step_id):
             if key not in received:
                 edge = len(received)
                 with tf.device(devices[there]):
-                    ops.pk_mesh_send(step=step_id, x=t, peer=here, edge=edge)
+                    mesh.send(step_id, t, peer=here, edge=edge)
                 with tf.device(devices[here]):
-                    received[key] = ops.pk_mesh_recv(step=step_id, T=t.dtype,
-                                                     shape=t.shape, peer=there, edge=edge)
-            op._update_input(k, received[key])
+                    received[key] = mesh.recv(step_id, t.dtype, t.shape, peer=there,
+                                              edge=edge)
+            op._update_input(k, received[key])  # TensorFlow's (private) in-place rewiring
     return len(received)
