@@ -39,6 +39,24 @@ def wait_for(cond, seconds=5.0):
         assert time.monotonic() < deadline, "condition not reached within %s s" % seconds
         time.sleep(0.01)
 
+def in_background(kind, fn):
+    """Starts fn() in a thread that keeps the messages of the `kind` errors it raises;
+    returns the thread and that list."""
+    errs = []
+    def run():
+        try:
+            fn()
+        except kind as e:
+            errs.append(str(e))
+    t = threading.Thread(target=run)
+    t.start()
+    return t, errs
+
+def failed_once(t, errs, pattern):
+    """The background call ended, with exactly one error, whose message matches `pattern`."""
+    t.join(5)
+    assert not t.is_alive() and len(errs) == 1 and re.search(pattern, errs[0]), (pattern, errs)
+
 def frame(dtype_enum, step, edge, dims, payload, nbytes=None):
     """A frame built from the format's description (not by the kernels)."""
     head = struct.pack("<IIqqI", MAGIC, dtype_enum, step, edge, len(dims))
@@ -177,19 +195,12 @@ took = expect(tf.errors.AbortedError, r"step 1, edge 0\): superseded by step 2",
 assert took < 1, took
 assert mesh.recv(2, tf.int64, [1], peer=2, edge=1).numpy().tolist() == [21]
 # A waiting receive of step 3 is failed when a receive of step 4 is issued.
-errs = []
-def old():
-    try:
-        mesh.recv(3, tf.int64, [1], peer=2, edge=9)
-    except tf.errors.AbortedError as e:
-        errs.append(str(e))
-t = threading.Thread(target=old)
-t.start()
+t, errs = in_background(tf.errors.AbortedError,
+                        lambda: mesh.recv(3, tf.int64, [1], peer=2, edge=9))
 wait_for(lambda: mesh.pending() == 1)
 mesh.send(4, one(40), peer=1, edge=0)
 assert mesh.recv(4, tf.int64, [1], peer=2, edge=0).numpy().tolist() == [40]
-t.join(5)
-assert not t.is_alive() and len(errs) == 1 and "superseded by step 4" in errs[0], errs
+failed_once(t, errs, "superseded by step 4")
 assert mesh.pending() == 0
 # Steps are per peer: peer 1's floor is untouched by receives from peer 2.
 mesh.send(1, one(7), peer=2, edge=0)
@@ -368,20 +379,13 @@ for garbage, message in cases:
     mesh.attach(0, c)
     c.close()
     # A receive is waiting when the garbage comes: it fails with the link's message.
-    errs = []
-    def waiting():
-        try:
-            mesh.recv(5, tf.int64, None, peer=0, edge=3)
-        except tf.errors.UnavailableError as e:
-            errs.append(str(e))
-    t = threading.Thread(target=waiting)
-    t.start()
+    t, errs = in_background(tf.errors.UnavailableError,
+                            lambda: mesh.recv(5, tf.int64, None, peer=0, edge=3))
     wait_for(lambda: mesh.pending() == 1)
     d.sendall(garbage)
     if "middle" in message:
         d.close()
-    t.join(5)
-    assert not t.is_alive() and len(errs) == 1 and re.search(message, errs[0]), (message, errs)
+    failed_once(t, errs, message)
     assert mesh.attached(0) == -1
     # Later receives and sends on the link fail at once, with the same message.
     took = expect(tf.errors.UnavailableError, message,
@@ -446,18 +450,11 @@ assert took < 2.5, took
 # pk_mesh_close fails a waiting receive with Cancelled and lets peers attach again.
 loop_a, loop_b = socket.socketpair()
 mesh.attach(0, loop_a)
-errs = []
-def waiting():
-    try:
-        mesh.recv(1, tf.int64, [1], peer=0, edge=0)
-    except tf.errors.CancelledError as e:
-        errs.append(str(e))
-t = threading.Thread(target=waiting)
-t.start()
+t, errs = in_background(tf.errors.CancelledError,
+                        lambda: mesh.recv(1, tf.int64, [1], peer=0, edge=0))
 wait_for(lambda: mesh.pending() == 1)
 mesh.close()
-t.join(5)
-assert not t.is_alive() and len(errs) == 1 and "the mesh was closed" in errs[0], errs
+failed_once(t, errs, "the mesh was closed")
 assert [mesh.attached(p) for p in range(3)] == [0, 0, 0] and mesh.pending() == 0
 loop()
 mesh.send(3, np.array([9], np.int64), peer=1, edge=1)

@@ -103,17 +103,9 @@ def _settings(args, parser):
     hosts = [h.strip() for h in args.hosts.split(",")]
     if len(hosts) != 3 or args.index not in (0, 1, 2):
         parser.error("--hosts lists exactly 3 workers and --index is 0, 1 or 2")
-    if args.compute:
-        compute = [c.strip() for c in args.compute.split(",")]
-        if len(compute) != 3:
-            parser.error("--compute lists exactly 3 addresses")
-    else:
-        compute = ["127.0.0.1:{}".format(parse_host(h)[1] + 10000) for h in hosts]
-    mesh = None
-    if args.mesh:
-        mesh = [c.strip() for c in args.mesh.split(",")]
-        if len(mesh) != 3:
-            parser.error("--mesh lists exactly 3 addresses")
+    compute = _three_addresses(parser, "--compute", args.compute) or [
+        "127.0.0.1:{}".format(parse_host(h)[1] + 10000) for h in hosts]
+    mesh = _three_addresses(parser, "--mesh", args.mesh)  # None: WorkerConfig's default
     from .pki import load_local
 
     names = local_worker_names()
@@ -121,6 +113,16 @@ def _settings(args, parser):
                         load_local(hosts, names[args.index]),
                         compute_port=args.compute_port, mesh=mesh,
                         mesh_port=args.mesh_port), None
+
+
+def _three_addresses(parser, flag, value):
+    """The three comma-separated addresses given with ``flag``, or None if it was not given."""
+    if not value:
+        return None
+    addresses = [a.strip() for a in value.split(",")]
+    if len(addresses) != 3:
+        parser.error("{} lists exactly 3 addresses".format(flag))
+    return addresses
 
 
 def _confine(ports, argv):

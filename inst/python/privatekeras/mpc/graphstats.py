@@ -25,7 +25,9 @@ process as the three parties).
 
 import collections
 
-MESH_SEND, MESH_RECV = "PkMeshSend", "PkMeshRecv"  # privatekeras.mpc.routing's ops
+# privatekeras.mpc.routing's ops, named here too: this module imports nothing of the package
+# (bench/prev_owner.py loads it by path into the previous release's process)
+MESH_SEND, MESH_RECV = "PkMeshSend", "PkMeshRecv"
 
 
 def _party_key(device, default):

@@ -33,8 +33,8 @@ def _party(op, tasks):
 def route(graph, devices, step_id):
     """Route every tensor that crosses between workers in ``graph`` (a step being traced)
     through a PkMeshSend/PkMeshRecv pair; ``step_id`` is the step's id argument (a scalar
-    int64 placeholder: TensorFlow hands it to each worker). Each (tensor, receiving worker) gets one pair, shared by all its consumers
-    there. Returns the number of routed edges."""
+    int64 placeholder: TensorFlow hands it to each worker). Each (tensor, receiving worker)
+    gets one pair, shared by all its consumers there. Returns the number of routed edges."""
     from ..kernels import mesh
 
     tasks = {}
