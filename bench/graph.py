@@ -54,12 +54,12 @@ def main(argv=None):
                             tf.raw_ops.AssignVariableOp(
                                 resource=store.weight(public["model_id"], k, j, w.shape),
                                 value=tf.zeros(w.shape, tf.int64))
-            keys = tf.constant([store.PAD_ID])
-            step(keys)
+            rows = [np.zeros([step.group, step.in_width], np.int64)] * 3
+            step(rows)
             times, cpu = [], []
             for _ in range(a.run):
                 t, c = time.perf_counter(), time.process_time()
-                step(keys)
+                step(rows)
                 times.append(time.perf_counter() - t)
                 cpu.append(time.process_time() - c)
             out["run_median_ms"] = round(1e3 * float(np.median(times)), 2)

@@ -4,7 +4,7 @@ certificates.
 
 * A client that knows another client's query id cannot obtain that query's shares or answer
   from any worker, nor take the id over; the victim is answered correctly.
-* The API has exactly the nine documented methods; nothing else answers.
+* The API has exactly the eight documented methods; nothing else answers.
 * A client cannot call the owner's methods; an owner cannot submit or fetch; neither can
   call the workers' own methods; a worker cannot pose as another worker.
 * A peer without a certificate of the cluster's CA (none, another CA's, plain TCP) is refused
@@ -36,8 +36,7 @@ DOCUMENTED = {
     "StopServing": ("owner",),
     "Submit": ("client",),
     "Fetch": ("client",),
-    "Arrived": ("worker",),
-    "Done": ("worker",),
+    "Trace": ("worker",),
 }
 REFUSED_WITHIN = 10.0
 
@@ -80,12 +79,11 @@ def _requests(served):
             query_id=qid, model_id=spec["model_id"], session=board.session,
             shares=[wire.tensor(zeros)] * 2, fetch_digest=wire.digest(b"s" * 32)), False),
         "Fetch": (wire.M.FetchRequest(query_id=qid, fetch_secret=b"s" * 32), False),
-        "Arrived": (wire.M.QueryNote(query_id=qid, index=1), False),
-        "Done": (wire.M.DoneNote(query_ids=[qid]), False),
+        "Trace": (wire.M.PrepareRequest(model_id=spec["model_id"]), False),
     }
 
 
-def test_the_api_is_exactly_the_nine_documented_methods(served):
+def test_the_api_is_exactly_the_eight_documented_methods(served):
     """A new method must be reviewed: this list and the module's table change together."""
     assert {name: roles for name, (_, _, _, roles) in wire.METHODS.items()} == DOCUMENTED
     for name in DOCUMENTED:
@@ -183,13 +181,14 @@ def test_each_party_can_call_only_its_own_methods(served, party):
 
 
 def test_a_worker_cannot_pose_as_another_worker(served):
-    """Worker-to-worker notes carry the sender's index, checked against its certificate."""
+    """Only worker 0 may have a worker trace its part (checked against the caller's
+    certificate); worker 0 itself refuses the call."""
     w1 = _stubs(served, "worker1")
-    qid = os.urandom(16).hex()
-    with rejects(pk.AccessDeniedError, match="'worker1' is not worker 2"):
-        _call(w1[0].Arrived, wire.M.QueryNote(query_id=qid, index=2))
+    model_id = json.loads(served.cluster().status("owner")[0].spec_json)["model_id"]
     with rejects(pk.AccessDeniedError, match="'worker1' is not worker 0"):
-        _call(w1[2].Done, wire.M.DoneNote(query_ids=[qid]))
+        _call(w1[2].Trace, wire.M.PrepareRequest(model_id=model_id))
+    with rejects(pk.PrivateKerasError, match="Trace goes to workers 1 and 2"):
+        _call(w1[0].Trace, wire.M.PrepareRequest(model_id=model_id))
     served.check_answers(first=20, count=2)
 
 

@@ -170,18 +170,23 @@ def _producers(node_input):
 
 
 def test_every_op_of_the_step_runs_on_one_of_the_three_workers(run):
-    """The traced step takes two arguments, the string vector of query ids and the int64
-    step id (both fed by worker 0 itself), and captures nothing from outside the step. Every
-    other op of its graph is placed on one of the three workers' devices, so nothing runs
-    anywhere else; ops in the functions it calls (while-loop bodies) carry no device or a
+    """The traced step takes four arguments, the int64 step id and each worker's int64
+    input rows (each worker's part is fed the step id and its own rows), and captures nothing
+    from outside the step. Every other op of its graph is placed on one of the three
+    workers' devices, so nothing runs anywhere else, and worker i's input rows are read only
+    by worker i's ops; ops in the functions it calls (while-loop bodies) carry no device or a
     worker's device (a body runs on the device of the loop op that calls it, itself placed on
     a worker)."""
     s = run.step
     devices = {_canonical(d) for d in s["devices"]}
     assert len(devices) == 3
-    assert [a[1] for a in s["arguments"]] == ["string", "int64"], s["arguments"]
+    assert [a[1] for a in s["arguments"]] == ["int64"] * 4, s["arguments"]
     assert s["captured"] == 0
     arguments = {a[0].split(":")[0] for a in s["arguments"]}
+    for i, (name, _) in enumerate(s["arguments"][1:]):
+        readers = {_canonical(n["device"]) for n in s["nodes"]
+                   if name.split(":")[0] in map(_producers, n["inputs"])}
+        assert readers == {_canonical(s["devices"][i])}, (name, readers)
     placed = collections.Counter(_canonical(n["device"]) for n in s["nodes"]
                                  if n["name"] not in arguments)
     print("\nops of the step per device:", dict(placed))
@@ -197,9 +202,10 @@ def test_every_tensor_between_workers_goes_over_the_mesh(run):
     """The step's protocol messages are routed over the workers' mesh
     (privatekeras.mpc.routing): in the traced graph,
 
-    - no data edge joins ops placed on two different workers, except from the step's two
-      arguments (TensorFlow's runtime hands them to each worker as the step starts): every
-      other tensor one worker's op takes from another worker's op is a PkMeshRecv's output;
+    - no data edge joins ops placed on two different workers: every tensor one worker's op
+      takes from another worker's op is a PkMeshRecv's output; and no control edge either,
+      and no op without a device but the step's arguments (so that each worker can run its
+      own part alone, privatekeras.mpc.partition);
     - PkMeshSend and PkMeshRecv ops pair up one to one by ``edge``; the send sits on the
       device of the worker that produced its tensor (its input ``x`` is made there), the
       receive on the device of the worker its ``peer`` names, and each names the other's
@@ -218,7 +224,7 @@ def test_every_tensor_between_workers_goes_over_the_mesh(run):
     worker = {d: i for i, d in enumerate(devices)}
     nodes = {n["name"]: n for n in s["nodes"]}
     arguments = {a[0].split(":")[0] for a in s["arguments"]}
-    step_id = s["arguments"][1][0].split(":")[0]
+    step_id = s["arguments"][0][0].split(":")[0]
 
     def party(name):
         return worker.get(_canonical(nodes[name]["device"]))
@@ -237,6 +243,7 @@ def test_every_tensor_between_workers_goes_over_the_mesh(run):
                 crossing.append((src, n["name"]))
     assert not crossing, "{} data edges between workers bypass the mesh, e.g. {}".format(
         len(crossing), crossing[:5])
+    assert control == 0 and unplaced == 0, (control, unplaced)
 
     sends = collections.defaultdict(list)
     recvs = collections.defaultdict(list)

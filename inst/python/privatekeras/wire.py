@@ -13,18 +13,21 @@ method      callers         what it does
 Status      anyone          the public board: served model's public spec, serving state (to
                             workers also: answer shares of the session held, not yet fetched)
 Upload      owner           this worker's weight shares and the model's public spec (stream)
-Prepare     owner           worker 0 traces and warms up the private step (progress stream)
+Prepare     owner           the workers trace their parts of the private step and warm them
+                            up (progress stream, from worker 0)
 Serve       owner           worker 0 answers queries while this call lasts (event stream)
 StopServing owner           worker 0 ends serving
 Submit      client          this worker's input shares under a fresh random query id
 Fetch       client          this worker's output shares, for the per-worker fetch secret
-Arrived     worker          "I hold the shares of query q" (workers 1, 2 -> worker 0)
-Done        worker          "the answers of these queries are in your output table" (0 -> 1, 2)
+Trace       worker          trace your own part of the private step (worker 0 -> 1, 2)
 ========== =============== ==================================================================
+
+While serving, the workers' notes to each other ("I hold query q's shares", "go: run step s on
+these queries") go over their own links (:mod:`privatekeras.deploy.mesh`), not this API.
 
 The one-server CKKS backend (:mod:`privatekeras.ckks`) is a worker of its own with the same
 API: ``Upload`` carries the model in clear, ``Submit`` the client's public context and
-encrypted rows, ``Fetch`` the encrypted outputs; the workers' notes are refused there.
+encrypted rows, ``Fetch`` the encrypted outputs; ``Trace`` is refused there.
 
 The protobuf messages are declared below in Python (a FileDescriptorProto built at import), so
 no generated code or protoc is needed; the wire format is ordinary protobuf.
@@ -78,8 +81,8 @@ MESSAGES = {
                      ("wait_seconds", "double", False)],
     "FetchReply": [("ready", "bool", False), ("shares", "Tensor", True),
                    ("blobs", "bytes", True)],  # CKKS server: one ciphertext per output
-    "QueryNote": [("query_id", "string", False), ("index", "int32", False)],
-    "DoneNote": [("query_ids", "string", True), ("session", "string", False)],
+    # one digest of the traced step's messages per group size (privatekeras.mpc.partition)
+    "TraceReply": [("plans", "string", True)],
 }
 
 
@@ -113,8 +116,7 @@ METHODS = {
     "StopServing": ("unary_unary", "Empty", "Board", OWNER),
     "Submit": ("unary_unary", "SubmitRequest", "Empty", CLIENT),
     "Fetch": ("unary_unary", "FetchRequest", "FetchReply", CLIENT),
-    "Arrived": ("unary_unary", "QueryNote", "Empty", WORKER),
-    "Done": ("unary_unary", "DoneNote", "Empty", WORKER),
+    "Trace": ("unary_unary", "PrepareRequest", "TraceReply", WORKER),
 }
 
 # Board states, in the order a worker goes through them.

@@ -6,30 +6,33 @@ Each worker process runs two servers and one set of links:
   and clients can reach: the owner uploads this worker's weight shares, clients submit their
   input shares and fetch their answer shares;
 * its **TensorFlow server** on the compute port, reachable only by the other two workers
-  (loopback on one machine, stunnel links across hosts). Worker 0's process drives the
-  private step over the three TensorFlow servers; workers 1 and 2 only serve it;
+  (loopback on one machine, stunnel links across hosts);
 * its **mesh links** to the other two workers (:mod:`privatekeras.deploy.mesh`, mutually
-  authenticated with the workers' certificates), over which the step's protocol messages go:
-  TensorFlow's runtime only starts each step on each worker.
+  authenticated with the workers' certificates), over which the step's protocol messages and
+  the workers' notes go.
 
-A worker keeps what it receives in TensorFlow resources on its own device
-(:mod:`privatekeras.mpc.store`). Worker 0 also keeps the public board (served model, serving
-state) and decides which queries form the next step: a query is evaluated only when all three
-workers hold its shares (workers 1 and 2 report each arrival), and after the step it tells
-workers 1 and 2 which answers are in their output tables. A client fetches each worker's answer
-shares with the secret whose digest it sent that worker with its shares; a worker never sees
-another worker's secret.
+Each worker traces the private step itself from the model's public spec and runs only its own
+part of it (:mod:`privatekeras.mpc.partition`), in its own process: the weight shares come
+from its own TensorFlow variables (:mod:`privatekeras.mpc.store`), the input shares it holds
+for a query are fed to its part, the answer shares come back to it. Worker 0 also keeps the
+public board (served model, serving state) and decides which queries form the next step: a
+query is evaluated only when all three workers hold its shares (workers 1 and 2 note each
+arrival), and each step starts with worker 0's "go" note naming the step's id and queries.
+A client fetches each worker's answer shares with the secret whose digest it sent that worker
+with its shares; a worker never sees another worker's secret.
 """
 
 import collections
 import concurrent.futures
 import json
 import os
+import queue
 import re
 import threading
 import time
 
 import grpc
+import numpy as np
 
 from . import wire
 from .errors import PrivateKerasError
@@ -48,6 +51,8 @@ IDLE_CHECK = 0.5  # while serving and idle, worker 0 checks the other workers th
 PICKUP_PATIENCE = 10.0  # serve() waits this long without progress for answers to be fetched
 PICKUP_POLL = 0.05  # meanwhile it asks workers 1 and 2 this often how many they still hold
 PEER_TIMEOUT = 5.0
+TRACE_TIMEOUT = 900.0  # how long worker 0 waits for workers 1 and 2 to trace their parts
+PAD = ""  # never a client's query id: pads a group; its input and answer are zeros
 
 
 class Query:
@@ -64,13 +69,31 @@ class Query:
 
 
 class Model:
-    """The uploaded model as this worker knows it: the public spec and its resources."""
+    """The uploaded model as this worker knows it: the public spec, its weight shares'
+    resources, and the input shares of the queries not yet evaluated."""
 
     def __init__(self, spec, local_store):
         self.spec, self.store = spec, local_store
         self.id = spec["model_id"]
         self.in_shape = tuple(spec["input_shape"])
         self.out_shape = tuple(spec["output_shape"])
+        self.inputs = {}  # query id -> this worker's input row (its pair of shares, flat)
+        self.steps = None  # group size -> the traced step (privatekeras.mpc.aby3.Step)
+
+    def drop(self, ids):
+        """Forget these queries' inputs (expired)."""
+        for qid in ids:
+            self.inputs.pop(qid, None)
+
+    def take_inputs(self, ids, width):
+        """The input rows of the queries ``ids`` (zeros for a pad or a forgotten query),
+        removed."""
+        rows = np.zeros([len(ids), width], np.int64)
+        for k, qid in enumerate(ids):
+            row = self.inputs.pop(qid, None)
+            if row is not None:
+                rows[k] = row
+        return rows
 
     def client_spec(self):
         """What clients are told: shapes, protocol, encoding; not the architecture."""
@@ -150,38 +173,40 @@ class WorkerServer:
         self._peers = {}  # index -> wire.Stub, made on first use
         self._peers_lock = threading.Lock()
         self._long_polls = threading.BoundedSemaphore(LONG_POLLS)
-        self._notes = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="privatekeras-notes")  # worker 0's Done notes
         self._closing = threading.Event()
         self._sending = collections.Counter()  # session -> answer shares being sent by Fetch
-        # worker 0 only
         self._engine = None
-        self._steps = {}  # group size -> traced step
+        self._steps = {}  # group size -> traced step (this worker runs its part)
+        self._trace_lock = threading.Lock()
+        self._gos = queue.Queue()  # workers 1 and 2: worker 0's "go" notes, in order
+        # worker 0 only
+        self._step_ids = None
         self._arrivals = {}  # query id -> (set of worker indices holding its shares, since)
         self._ready = collections.deque()  # query ids complete on every worker, in order
-        self._session = ""  # workers 1 and 2: the session of worker 0's last Done note
+        self._session = ""  # workers 1 and 2: the session of worker 0's last "go" note
         self._answered = 0  # in the current or last serving session
+        self._failure = None  # (kind, message) when the last serving session failed
         self._stop_serving = threading.Event()
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self):
         """Join the workers' compute cluster, open the API, and (worker 0) wait for the other
         two workers. Returns self."""
-        from .kernels import loader
-
         from .deploy.mesh import Mesh
+        from .kernels import loader
+        from .mpc.tfe_compat import import_tfe
 
         loader.load()  # our CSPRNG kernels run here: without them, refuse to start
         cfg = self.config
         self._mesh = Mesh(self.index, cfg.names, cfg.mesh, cfg.mesh_port,
-                          cfg.credentials).start()
+                          cfg.credentials, on_note=self._on_note).start()
+        import_tfe()  # before joining: TF Encrypted builds a default protocol on import
         if self.index != 0:
             self._join_compute()
+            threading.Thread(target=self._run_gos, name="privatekeras-steps",
+                             daemon=True).start()
         self._open_api()
         if self.index == 0:
-            from .mpc.tfe_compat import import_tfe
-
-            import_tfe()  # before joining: TF Encrypted builds a default protocol on import
             self._await_peers()
             self._join_compute()
         threading.Thread(target=self._janitor, name="privatekeras-janitor", daemon=True).start()
@@ -242,6 +267,7 @@ class WorkerServer:
 
     def stop(self, grace=1.0):
         self._closing.set()
+        self._gos.put(None)
         if self._server is not None:
             self._server.stop(grace)
         if self._mesh is not None:
@@ -316,8 +342,7 @@ class WorkerServer:
             self._fail_all("NotServing", "the model owner uploaded another model")
         if old is not None:
             old.store.destroy()
-        local = store.LocalStore(self.config.devices[self.index], spec["model_id"], shapes,
-                                 _size(spec["input_shape"]), _size(spec["output_shape"]))
+        local = store.LocalStore(self.config.devices[self.index], spec["model_id"], shapes)
         local.put_weights(pairs)
         with self._cv:
             self._model = Model(spec, local)
@@ -341,32 +366,72 @@ class WorkerServer:
             if board.model_id != model.id:
                 raise Refusal("Failed", "{} holds model {!r}, not {}: upload to all three "
                               "workers".format(self.config.names[i], board.model_id, model.id))
-        from .mpc.aby3 import ABY3Engine
+        from .mpc.aby3 import StepIds
 
         t0 = time.monotonic()
-        yield M.Progress(message="tracing the private model (first time only) ...")
-        if self._engine is None:
-            self._engine = ABY3Engine(self.config.devices, self.config.compute, self.config.job)
-        import tensorflow as tf
-
-        from .mpc.store import PAD_ID
-
-        steps = {}
-        for group in sorted({1, int(model.spec.get("max_group", 1))}):
-            steps[group] = self._engine.build_step(model.spec, group)
-            t1 = time.monotonic()
-            yield M.Progress(message="traced {}in {:.1f} s; first run on the workers ...".format(
-                "" if group == 1 else "the step for groups of {} ".format(group), t1 - t0),
-                seconds=t1 - t0)
-            steps[group](tf.constant([PAD_ID] * group))  # shares of zeros: public padding
-            t0 = time.monotonic()
-            yield M.Progress(message="ready in {:.1f} s".format(t0 - t1), seconds=t0 - t1)
+        yield M.Progress(message="each worker traces its part of the private model (first "
+                                 "time only) ...")
+        traces = [self._peer(i).Trace.future(M.PrepareRequest(model_id=model.id),
+                                             timeout=TRACE_TIMEOUT) for i in self.PEERS]
+        steps = self._trace(model)
+        plans = [steps[g].plan() for g in sorted(steps)]
+        for i, trace in zip(self.PEERS, traces):
+            try:
+                theirs = list(trace.result().plans)
+            except grpc.RpcError as exc:
+                raise Refusal("WorkerLost", "{} could not trace its part: {}".format(
+                    self.config.names[i], wire.translate(exc, self.config.names[i])))
+            if theirs != plans:
+                raise Refusal("Failed", "{} traced a step whose messages differ from worker "
+                              "0's: the workers run different privatekeras versions".format(
+                                  self.config.names[i]))
+        t1 = time.monotonic()
+        yield M.Progress(message="traced in {:.1f} s; first run on the workers ...".format(
+            t1 - t0), seconds=t1 - t0)
+        if self._step_ids is None:
+            self._step_ids = StepIds()
+        for group in sorted(steps):  # shares of zeros: public padding
+            self._run_step(model, steps[group], [PAD] * group, "")
+        t0 = time.monotonic()
+        yield M.Progress(message="ready in {:.1f} s".format(t0 - t1), seconds=t0 - t1)
         with self._cv:
             if self._model is model:
                 self._steps = steps
                 self._state, self._message = wire.READY, "model {!r} ready".format(
                     model.spec["name"])
         yield M.Progress(message="ready", done=True)
+
+    def _trace(self, model):
+        """This worker's traced steps for ``model``, one per group size (kept for the
+        model: tracing takes seconds)."""
+        from .mpc.aby3 import ABY3Engine
+
+        with self._trace_lock:
+            if model.steps is None:
+                if self._engine is None:
+                    self._engine = ABY3Engine(self.config.devices, self.config.compute,
+                                              self.config.job)
+                steps = {}
+                for group in sorted({1, int(model.spec.get("max_group", 1))}):
+                    steps[group] = self._engine.build_step(model.spec, group)
+                    steps[group].part(self.index)
+                model.steps = steps
+            return model.steps
+
+    def Trace(self, request, context, peer):
+        """(Workers 1 and 2, from worker 0.) Trace this worker's parts of the step."""
+        if self.index == 0:
+            raise Refusal("Failed", "Trace goes to workers 1 and 2")
+        self._check_peer_index(peer, 0, "Trace")
+        model = self._model
+        if model is None or model.id != request.model_id:
+            raise Refusal("Failed", "{} does not hold model {}: upload it to all three "
+                          "workers".format(self.config.name, request.model_id))
+        steps = self._trace(model)
+        with self._cv:
+            if self._model is model:
+                self._steps = steps
+        return M.TraceReply(plans=[steps[g].plan() for g in sorted(steps)])
 
     def StopServing(self, request, context, peer):
         self._only_worker0("StopServing")
@@ -386,7 +451,7 @@ class WorkerServer:
                 raise Refusal("NotServing", "no prepared model to serve: share() it first")
             session = os.urandom(8).hex()
             self._session, self._state, self._answered = session, wire.SERVING, 0
-            self._message = "serving"
+            self._message, self._failure = "serving", None
             self._stop_serving = stop = threading.Event()
             max_group = max(self._steps)
         context.add_callback(lambda: self._end_serving(
@@ -403,6 +468,7 @@ class WorkerServer:
                 ids = self._next_group(stop, max_group if limit is None else min(
                     max_group, limit - answered), idle)
                 if not ids:
+                    self._raise_failure(session)
                     break
                 seconds = self._evaluate(ids, session)
                 answered += len(ids)
@@ -415,6 +481,14 @@ class WorkerServer:
             self._end_serving(session, "NotServing", "the model stopped being served")
         yield M.ServeEvent(answered=answered, session=session, message="stopped")
 
+    def _raise_failure(self, session):
+        """Raise the Refusal that ended serving session ``session``, if it failed (a worker
+        lost while waiting for queries)."""
+        with self._cv:
+            failure = self._failure if self._session == session else None
+        if failure is not None:
+            raise Refusal(*failure)
+
     def _end_serving(self, session, kind, message, failed=False):
         """End the serving session ``session`` (if it is still the current one): queries
         not yet answered fail with ``kind``."""
@@ -423,6 +497,7 @@ class WorkerServer:
                 return
             self._state = "failed" if failed else wire.READY
             self._message = message
+            self._failure = (kind, message) if failed else None
             self._stop_serving.set()
             self._fail_all(kind, message)
             self._cv.notify_all()
@@ -471,48 +546,57 @@ class WorkerServer:
                     wire.translate(exc, self.config.names[i]))) from None
 
     def _evaluate(self, ids, session):
-        """Run the private step on these queries and hand each worker its answers; returns
-        the step's own run time in seconds (public: clients see their latency anyway)."""
+        """Run the private step on these queries (workers 1 and 2 run theirs on worker 0's
+        "go"); returns the step's own run time on this worker in seconds (public: clients see
+        their latency anyway)."""
+        group = 1 if len(ids) == 1 else max(self._steps)
+        seconds = self._run_step(self._model, self._steps[group],
+                                 ids + [PAD] * (group - len(ids)), session)
+        with self._cv:
+            self._answered += len(ids)
+        return seconds
+
+    def _run_step(self, model, step, ids, session):
+        """(Worker 0.) Tell workers 1 and 2 to run the step on the queries ``ids`` (a full
+        group, padded) under a fresh step id, run this worker's part, and hand out its
+        answers. Returns the seconds this worker's part took."""
         import tensorflow as tf
 
-        from .mpc.store import PAD_ID
+        from .errors import ClusterError
 
-        group = 1 if len(ids) == 1 else max(self._steps)
-        keys = ids + [PAD_ID] * (group - len(ids))
+        step_id = self._step_ids.next()
+        for i in self.PEERS:
+            try:
+                self._mesh.note(i, go=step_id, session=session, model=model.id, ids=ids)
+            except ClusterError as exc:
+                raise Refusal("WorkerLost", "serving failed: {}".format(exc)) from None
+        part = step.part(self.index)
+        with self._cv:
+            rows = model.take_inputs(ids, part.in_width)
         t0 = time.perf_counter()
         try:
-            self._steps[group](tf.constant(keys))
-            seconds = time.perf_counter() - t0
+            answers = part(step_id, rows)
         except tf.errors.OpError as exc:
             self._check_peers()
             raise Refusal("WorkerLost", "serving failed, a worker stopped answering: {}".format(
                 _first_line(exc))) from None
-        with self._cv:
-            self._answered += len(ids)
-        notes = [self._notes.submit(self._peer(i).Done,
-                                    M.DoneNote(query_ids=ids, session=session),
-                                    timeout=PEER_TIMEOUT) for i in self.PEERS]
-        self._deliver_outputs(ids)
-        for i, note in zip(self.PEERS, notes):
-            try:
-                note.result()
-            except grpc.RpcError as exc:
-                raise Refusal("WorkerLost", "serving failed: {}".format(
-                    wire.translate(exc, self.config.names[i]))) from None
+        seconds = time.perf_counter() - t0
+        self._deliver(model, ids, answers)
         return seconds
 
-    def _deliver_outputs(self, ids):
-        """Take this worker's answer shares of evaluated queries out of its output table and
-        release the clients' fetches."""
-        model = self._model
-        for qid in ids:
-            with self._cv:
-                query = self._queries.get(qid)
-            if query is None:  # expired meanwhile: nobody will fetch it
-                model.store.drop([qid])
-                continue
-            query.output = model.store.take_output(qid, model.out_shape)
-            query.ready.set()
+    def _deliver(self, model, ids, answers):
+        """Hand each evaluated query its answer shares (``answers``: this worker's answer
+        rows, in the order of ``ids``) and release the clients' fetches."""
+        from .mpc.store import SHARES
+
+        with self._cv:
+            for qid, row in zip(ids, answers):
+                query = self._queries.get(qid) if qid != PAD else None
+                if query is None:  # a pad, or expired meanwhile: nobody will fetch it
+                    continue
+                query.output = [part.reshape(model.out_shape) for part in np.split(row, SHARES)]
+                query.ready.set()
+            self._cv.notify_all()
 
     def _await_pickup(self, stop, session):
         """Wait until every answer of this session was fetched from all three workers (a
@@ -600,14 +684,10 @@ class WorkerServer:
             pair = [wire.array(t, model.in_shape) for t in request.shares]
         except PrivateKerasError as exc:
             raise Refusal("BadInput", str(exc)) from None
+        row = np.concatenate([np.ravel(s) for s in pair])
         with self._cv:
             self._register(request, check_serving=self.index == 0)
-        try:
-            model.store.put_input(request.query_id, pair)
-        except Exception:
-            with self._cv:
-                self._queries.pop(request.query_id, None)
-            raise
+            model.inputs[request.query_id] = row
         if self.index == 0:
             self._arrived(request.query_id, 0)
         else:
@@ -615,16 +695,18 @@ class WorkerServer:
         return M.Empty()
 
     def _report_arrival(self, query_id):
-        """Tell worker 0 that this worker holds the shares of ``query_id``. The note is on
-        every query's way to its step, so it goes from the Submit call's own thread (a hop
-        through the notes' pool costs a thread wake-up, which on busy cores takes a good
-        part of a millisecond); the client is not held up: its Fetch is on its way already.
+        """Tell worker 0 that this worker holds the shares of ``query_id`` (a note over the
+        mesh, from the Submit call's own thread: it is on every query's way to its step).
         When worker 0 cannot be told, the query can never be evaluated: Submit fails."""
+        from .errors import ClusterError
+
         try:
-            self._peer(0).Arrived(M.QueryNote(query_id=query_id, index=self.index),
-                                  timeout=PEER_TIMEOUT)
-        except grpc.RpcError as exc:
-            raise Refusal("WorkerLost", str(wire.translate(exc, self.config.names[0]))) from None
+            self._mesh.note(0, arrived=query_id)
+        except ClusterError as exc:
+            with self._cv:
+                self._queries.pop(query_id, None)
+                self._model.drop([query_id])
+            raise Refusal("WorkerLost", str(exc)) from None
 
     def Fetch(self, request, context, peer):
         if not self._long_polls.acquire(blocking=False):
@@ -675,13 +757,23 @@ class WorkerServer:
         return M.FetchReply(ready=True, shares=[wire.tensor(s) for s in query.output])
 
     # -- between workers -------------------------------------------------------------------
-    def Arrived(self, request, context, peer):
-        self._only_worker0("Arrived")
-        self._check_peer_index(peer, request.index, "Arrived")
-        if not QUERY_ID.match(request.query_id):
-            raise Refusal("BadInput", "malformed query id")
-        self._arrived(request.query_id, request.index)
-        return M.Empty()
+    def _on_note(self, peer, note):
+        """A note from worker ``peer`` over the mesh (None: the link to it failed)."""
+        if note is None:
+            warn("%s: lost the link to %s", self.config.name, self.config.names[peer])
+            if self.index == 0:
+                self._end_serving(self._session, "WorkerLost", "serving failed: lost the link "
+                                  "to {}".format(self.config.names[peer]), failed=True)
+            return
+        if self.index == 0 and peer in self.PEERS and isinstance(note.get("arrived"), str):
+            if QUERY_ID.match(note["arrived"]):
+                self._arrived(note["arrived"], peer)
+                return
+        elif self.index != 0 and peer == 0 and _is_go(note):
+            self._gos.put(note)
+            return
+        warn("%s: ignored a malformed note from %s", self.config.name,
+             self.config.names[peer])
 
     def _arrived(self, query_id, index):
         with self._cv:
@@ -701,14 +793,43 @@ class WorkerServer:
         self._ready.append(query_id)
         self._work.notify()
 
-    def Done(self, request, context, peer):
-        if self.index == 0:
-            raise Refusal("Failed", "Done goes to workers 1 and 2")
-        self._check_peer_index(peer, 0, "Done")
-        with self._cv:
-            self._session = request.session
-        self._deliver_outputs(list(request.query_ids))
-        return M.Empty()
+    def _run_gos(self):
+        """(Workers 1 and 2.) Run this worker's part of each step worker 0 starts, in order.
+        A part that fails closes this worker's mesh links: the other parts of the step fail
+        at once rather than wait for messages that will never come."""
+        import tensorflow as tf
+
+        while True:
+            go = self._gos.get()
+            if go is None:
+                return
+            model = self._model
+            ids = list(go["ids"])
+            step = model.steps.get(len(ids)) if (
+                model is not None and model.id == go["model"] and model.steps) else None
+            try:
+                if step is None:
+                    raise Refusal("Failed", "worker 0 started a step for a model or group size "
+                                            "this worker has not traced")
+                part = step.part(self.index)
+                with self._cv:
+                    rows = model.take_inputs(ids, part.in_width)
+                    self._session = go["session"]
+                answers = part(go["go"], rows)
+            except (Refusal, tf.errors.OpError) as exc:
+                message = exc.message if isinstance(exc, Refusal) else _first_line(exc)
+                warn("%s: its part of step %d failed: %s; closing its mesh links",
+                     self.config.name, go["go"], message)
+                with self._cv:
+                    for qid in ids:
+                        query = self._queries.get(qid)
+                        if query is not None and query.output is None:
+                            query.error = ("WorkerLost", "serving failed on {}: {}".format(
+                                self.config.name, message))
+                            query.ready.set()
+                self._mesh.close()
+                continue
+            self._deliver(model, ids, answers)
 
     # -- housekeeping ----------------------------------------------------------------------
     def _janitor(self):
@@ -722,18 +843,17 @@ class WorkerServer:
                 for qid in [q for q, (_, t) in self._arrivals.items() if now - t > QUERY_TTL]:
                     del self._arrivals[qid]
                 model = self._model
-            if old and model is not None:
-                try:
-                    model.store.drop(old)
-                except Exception as exc:  # noqa: BLE001 - housekeeping must go on
-                    warn("%s: could not drop expired queries: %s", self.config.name, exc)
+                if old and model is not None:
+                    model.drop(old)
 
 
-def _size(shape):
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+def _is_go(note):
+    """Whether a note is a well-formed "go": step id, session, model id, query ids."""
+    ids = note.get("ids")
+    return (isinstance(note.get("go"), int) and note["go"] > 0 and
+            isinstance(note.get("session"), str) and isinstance(note.get("model"), str) and
+            isinstance(ids, list) and 0 < len(ids) <= 16 and
+            all(isinstance(q, str) and (q == PAD or QUERY_ID.match(q)) for q in ids))
 
 
 def _first_line(exc):

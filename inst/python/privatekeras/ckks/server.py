@@ -53,9 +53,9 @@ class CKKSModel:
         self.out_shape = tuple(spec["output_shape"])
         self.engine = None
         self.inputs = {}  # query id -> (context bytes, [ciphertext bytes])
-        self.store = self  # the janitor calls model.store.drop(ids)
 
     def drop(self, ids):
+        """Forget these queries' inputs (expired)."""
         for qid in ids:
             self.inputs.pop(qid, None)
 
@@ -204,8 +204,5 @@ class CKKSServer(WorkerServer):
     def _no_peers(self, method):
         raise Refusal("Failed", "{}: a CKKS server has no peer workers".format(method))
 
-    def Arrived(self, request, context, peer):
-        self._no_peers("Arrived")
-
-    def Done(self, request, context, peer):
-        self._no_peers("Done")
+    def Trace(self, request, context, peer):
+        self._no_peers("Trace")

@@ -1,6 +1,7 @@
-"""The mesh: the three workers' own links, which carry the private step's protocol messages.
+"""The mesh: the three workers' own links, which carry the private step's protocol messages
+and the workers' notes to each other.
 
-Every pair of workers has one TCP connection; the lower-indexed worker dials, the other
+Every pair of workers has two TCP connections; the lower-indexed worker dials, the other
 accepts. Each worker listens on ``127.0.0.1:<mesh port>`` of its host only (the port is
 confined like the compute port: the loopback interposer, :mod:`privatekeras.deploy.confine`,
 refuses connections from other users' sockets); across hosts the stunnel links carry it
@@ -8,15 +9,22 @@ refuses connections from other users' sockets); across hosts the stunnel links c
 
 A connection is authenticated before it carries anything: the two workers run mutual TLS 1.3
 over it with their cluster certificates (the same credentials as their APIs: chained to the
-cluster's CA, role ``worker``, the expected worker's name), the dialer names itself and the
-worker it wants in one line, the acceptor answers ``OK``; then both end TLS (close_notify) and
-the socket is handed to the mesh kernels (:mod:`privatekeras.kernels.mesh`), which read and
-write the step's messages on it. What goes over it afterwards is what ABY3 sends between
-workers: shares and masked values, never anything in clear. Beyond that handshake the stream
-has no TLS of its own: on one host it is loopback between processes of one user; across
-hosts it runs inside the stunnel link's TLS.
+cluster's CA, role ``worker``, the expected worker's name), the dialer names itself, the
+worker it wants and the kind of link in one line, the acceptor answers ``OK``; then both end
+TLS (close_notify). Beyond that handshake the streams have no TLS of their own: on one host
+they are loopback between processes of one user; across hosts they run inside the stunnel
+link's TLS. The two kinds of link:
+
+* ``PKMESH1``, the **messages**: the socket is handed to the mesh kernels
+  (:mod:`privatekeras.kernels.mesh`), which read and write the step's messages on it: what
+  ABY3 sends between workers, shares and masked values, never anything in clear;
+* ``PKNOTE1``, the **notes**: one JSON object per line, public bookkeeping only (which query's
+  shares a worker holds; "go": run the step with this id on these queries). :meth:`Mesh.note`
+  sends one; a reader thread per peer hands each received note to the worker
+  (``on_note(peer, note)``).
 """
 
+import json
 import os
 import socket
 import ssl
@@ -27,7 +35,10 @@ import time
 from ..errors import ClusterError
 from ..log import say
 
-HELLO = b"PKMESH1"
+HELLO = b"PKMESH1"  # the link carrying the step's messages (the kernels')
+NOTE_HELLO = b"PKNOTE1"  # the link carrying the workers' notes
+MAX_NOTE = 65536  # bytes in one note's line
+NOTE_WAIT = 10.0  # how long a note waits for its link to come up
 HANDSHAKE_TIMEOUT = 10.0
 RETRY = 0.1  # seconds between dials while the peer does not listen yet
 REPORT_EVERY = 5.0
@@ -86,14 +97,21 @@ class Mesh:
         addresses: the three workers' mesh addresses as the workers reach them.
         port: the port this worker listens on, on 127.0.0.1.
         credentials: this worker's credentials (:class:`privatekeras.deploy.pki.Credentials`).
+        on_note: called as ``on_note(peer, note)`` for every note a peer sends (a dict, from
+            the reader thread of that peer's link), and ``on_note(peer, None)`` when the link
+            fails after it was up.
     """
 
-    def __init__(self, index, names, addresses, port, credentials):
+    def __init__(self, index, names, addresses, port, credentials, on_note=None):
         self.index, self.names, self.addresses = index, list(names), list(addresses)
         self.port, self.credentials = port, credentials
+        self._on_note = on_note or (lambda peer, note: None)
         self._closing = threading.Event()
         self._listener = None
         self._threads = []
+        self._notes = {}  # peer -> its notes socket, while up
+        self._notes_cv = threading.Condition()
+        self._send_locks = {peer: threading.Lock() for peer in range(3)}
 
     @property
     def name(self):
@@ -121,7 +139,8 @@ class Mesh:
         if self.index > 0:
             self._spawn(self._accept_loop, "accept")
         for peer in range(self.index + 1, 3):
-            self._spawn(self._dial, "dial-{}".format(peer), peer)
+            for hello in (HELLO, NOTE_HELLO):
+                self._spawn(self._dial, "dial-{}".format(peer), peer, hello)
         return self
 
     def _spawn(self, target, what, *args):
@@ -142,11 +161,77 @@ class Mesh:
                 pass
             self._listener.close()
         kernels.close()
+        with self._notes_cv:
+            links, self._notes = list(self._notes.values()), {}
+        for sock in links:
+            _shut(sock)
+
+    # -- notes ------------------------------------------------------------------------------
+    def note(self, peer, **note):
+        """Send ``note`` (JSON-able fields) to worker ``peer``; waits up to NOTE_WAIT s for
+        the link to come up. Raises ClusterError when it cannot be sent."""
+        line = json.dumps(note, separators=(",", ":")).encode() + b"\n"
+        if len(line) > MAX_NOTE:
+            raise ValueError("a note is limited to {} bytes".format(MAX_NOTE))
+        deadline = time.monotonic() + NOTE_WAIT
+        with self._notes_cv:
+            while peer not in self._notes and not self._closing.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._notes_cv.wait(left)
+            sock = self._notes.get(peer)
+        if sock is None:
+            raise ClusterError("{}: no link to {} for its notes".format(
+                self.name, self.names[peer]))
+        try:
+            with self._send_locks[peer]:
+                sock.sendall(line)
+        except OSError as exc:
+            self._notes_down(peer, sock)
+            raise ClusterError("{}: the link to {} failed: {}".format(
+                self.name, self.names[peer], exc)) from None
+
+    def _read_notes(self, peer, sock):
+        """Hand each note from ``peer`` to on_note, until the link ends or misbehaves."""
+        stream = sock.makefile("rb")
+        try:
+            while True:
+                line = stream.readline(MAX_NOTE)
+                if not line.endswith(b"\n"):
+                    if line:
+                        say("%s: an overlong or cut note from %s: link closed", self.name,
+                            self.names[peer])
+                    break
+                try:
+                    note = json.loads(line)
+                except ValueError:
+                    note = None
+                if not isinstance(note, dict):
+                    say("%s: a malformed note from %s: link closed", self.name,
+                        self.names[peer])
+                    break
+                self._on_note(peer, note)
+        except OSError:
+            pass
+        finally:
+            stream.close()
+            if self._notes_down(peer, sock) and not self._closing.is_set():
+                self._on_note(peer, None)
+
+    def _notes_down(self, peer, sock):
+        """Forget the notes link ``sock`` to ``peer``; True if it was the current one."""
+        with self._notes_cv:
+            current = self._notes.get(peer) is sock
+            if current:
+                del self._notes[peer]
+        _shut(sock)
+        return current
 
     # -- the two halves of the handshake --------------------------------------------------
-    def _dial(self, peer):
-        """Connect to worker ``peer`` (retrying while it does not listen) and hand the
-        authenticated socket to the kernels."""
+    def _dial(self, peer, hello):
+        """Connect to worker ``peer`` (retrying while it does not listen) for the link
+        ``hello`` names, and hand the authenticated socket to the kernels or the notes."""
         host, _, port = self.addresses[peer].rpartition(":")
         host = host.strip("[]")
         last = 0.0
@@ -166,10 +251,10 @@ class Mesh:
                 if name != self.names[peer] or role != "worker":
                     raise ssl.SSLError("the certificate names {!r} ({}), not worker {!r}".format(
                         name, role, self.names[peer]))
-                tls.sendall(b"%s %d %d\n" % (HELLO, self.index, peer))
+                tls.sendall(b"%s %d %d\n" % (hello, self.index, peer))
                 if _read_line(tls) != b"OK":
                     raise ConnectionError("{} refused the mesh link".format(self.names[peer]))
-                self._attach(peer, tls.unwrap())
+                self._attach(peer, hello, tls.unwrap())
                 return
             except (OSError, ssl.SSLError, ConnectionError) as exc:
                 sock.close()
@@ -195,21 +280,41 @@ class Mesh:
             words = _read_line(tls).split(b" ")
             peer = self.names.index(name) if name in self.names else -1
             if (role != "worker" or peer < 0 or peer >= self.index or len(words) != 3 or
-                    words[0] != HELLO or words[1:] != [b"%d" % peer, b"%d" % self.index]):
+                    words[0] not in (HELLO, NOTE_HELLO) or
+                    words[1:] != [b"%d" % peer, b"%d" % self.index]):
                 raise ConnectionError("refused a mesh link from {!r} ({}) saying {!r}".format(
                     name, role, b" ".join(words)))
             tls.sendall(b"OK\n")
-            self._attach(peer, tls.unwrap())
+            self._attach(peer, words[0], tls.unwrap())
         except (OSError, ssl.SSLError, ConnectionError) as exc:
             say("%s: mesh: %s", self.name, exc)
             sock.close()
 
-    def _attach(self, peer, sock):
+    def _attach(self, peer, hello, sock):
         from ..kernels import mesh as kernels
 
-        sock.settimeout(None)  # the kernels read and write it blocking
+        sock.settimeout(None)  # blocking from now on
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hello == NOTE_HELLO:
+            with self._notes_cv:
+                old = self._notes.get(peer)
+                self._notes[peer] = sock
+                self._notes_cv.notify_all()
+            if old is not None:
+                _shut(old)
+            self._spawn(self._read_notes, "notes-{}".format(peer), peer, sock)
+            say("%s: notes link to %s up", self.name, self.names[peer])
+            return
         try:
             kernels.attach(peer, sock)
         finally:
             sock.close()  # the kernels hold their own descriptor
         say("%s: mesh link to %s up", self.name, self.names[peer])
+
+
+def _shut(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

@@ -1,15 +1,13 @@
-"""The private step: TF Encrypted's ABY3 over the three workers, built and driven by worker 0.
+"""The private step: TF Encrypted's ABY3 over the three workers.
 
-Worker 0's process is the only one that builds graphs. It traces one step per group size:
-the step takes a vector of query ids, reads each worker's input shares of those queries from
-that worker's input table (on that worker's device), evaluates the model on the shares with
-ABY3 (the weights read from each worker's own variables), and writes each worker's answer
-shares to that worker's output table. Values cross between workers only as ABY3's protocol
-messages; worker 0 never reads another worker's shares.
-
-Messages between workers go over the workers' own links (:mod:`privatekeras.mpc.routing`,
-:mod:`privatekeras.deploy.mesh`), each execution under a fresh step id; TensorFlow's runtime
-only starts the step on each worker and hands it the query ids and the step id.
+Every worker traces the same step from the model's public spec, one per group size: the step
+takes each worker's input shares of the group's queries, evaluates the model on them with ABY3
+(the weights read from each worker's own variables) and gives each worker its answer shares.
+Values cross between workers only as ABY3's protocol messages, routed over the workers' own
+links (:mod:`privatekeras.mpc.routing`, :mod:`privatekeras.deploy.mesh`), each execution
+under a fresh step id. Each worker then keeps and runs only its own part of the step
+(:mod:`privatekeras.mpc.partition`), in its own process, when worker 0 says "go": no worker
+runs a graph built by another, and none sees another worker's shares.
 
 The pairwise PRF keys are set up inside the step (``prot.reset()``), so every execution draws
 fresh masks from the CSPRNG kernels: keys made once at construction would be constants of the
@@ -26,7 +24,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from . import graphstats, routing, store
+from . import graphstats, partition, routing, store
 from .. import layers
 from ..layers import INPUT
 from .encoding import FIXED64
@@ -50,8 +48,12 @@ class ABY3Engine:
         hostmap = collections.OrderedDict(
             ("server{}".format(i), h) for i, h in enumerate(compute_addresses))
         tfe.set_config(tfe.RemoteConfig(hostmap, job_name=job, debug_mode=True))
-        self.prot = tfe.protocol.ABY3("server0", "server1", "server2")
-        tfe.set_protocol(self.prot)
+        # ABY3's constructor sets up pairwise keys on the three devices; in a graph of its own
+        # nothing runs (this process may not reach the other workers' devices, and the step
+        # sets up keys afresh anyway)
+        with tf.Graph().as_default():
+            self.prot = tfe.protocol.ABY3("server0", "server1", "server2")
+            tfe.set_protocol(self.prot)
         self.devices = list(devices)
         self.mesh = True  # messages between workers over their mesh links
         self._step_ids = StepIds()
@@ -115,7 +117,7 @@ class ABY3Engine:
 
     def build_step(self, spec, group):
         """The traced private evaluation of ``group`` queries at once (their batches
-        concatenated): a :class:`Step`, called with a string vector of ``group`` query ids."""
+        concatenated): a :class:`Step`."""
         model_id = spec["model_id"]
         in_shape, out_shape = list(spec["input_shape"]), list(spec["output_shape"])
         n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
@@ -128,37 +130,44 @@ class ABY3Engine:
             raise ValueError("the model's spec says its answer has {} fractional bits; this "
                              "worker computes {}: owner and workers run different "
                              "privatekeras versions".format(spec.get("output_frac_bits"), want))
+        answers = []  # names of the answer tensors, one per worker
 
         @tf.function
-        def step(keys, step_id):
-            """Private evaluation of the queries ``keys``: shares in from each worker's
-            input table, answer shares out to each worker's output table; ``step_id`` tags
-            this execution's messages between workers."""
+        def step(step_id, rows0, rows1, rows2):
+            """Private evaluation of ``group`` queries: ``rows<i>`` is worker i's input
+            shares (one row per query, its pair of shares flattened), the answer shares come
+            out the same way per worker; ``step_id`` tags this execution's messages between
+            workers."""
             self.prot.reset()  # fresh pairwise PRF keys for this execution
             weights = self._weights(model_id, nodes)
             per_worker = []
-            for device in devices:
+            for device, rows in zip(devices, (rows0, rows1, rows2)):
                 with tf.device(device):
-                    rows = store.take(store.table(model_id, "in", w_in), w_in, keys)
                     rows = tf.reshape(rows, [group, store.SHARES, n_in])
                     per_worker.append([tf.reshape(rows[:, j], [group * batch] + in_shape[1:])
                                        for j in range(store.SHARES)])
             y = forward(self.prot, nodes, weights, self._private(per_worker), exact)
+            out = []
             for i, device in enumerate(devices):
                 with tf.device(device):
                     pair = [tf.reshape(y.unwrapped[i][j].value, [group, n_out])
                             for j in range(store.SHARES)]
-                    store.insert(store.table(model_id, "out", w_out), keys,
-                                 tf.reshape(tf.stack(pair, axis=1), [group, w_out]))
+                    out.append(tf.reshape(tf.stack(pair, axis=1), [group, w_out],
+                                          name="answer{}".format(i)))
+            answers[:] = [t.name for t in out]
             graph = tf.compat.v1.get_default_graph()
             if self.mesh:
                 routing.route(graph, devices, step_id)
             if os.environ.get(UNCHAIN_ENV, "1") != "0":
                 _unchain(graph)
+            # In one process the step returns the answers. Routed for the cluster it returns
+            # nothing (its outputs would be ops on no worker's device): each worker's part
+            # fetches its own answer rows by name.
+            return None if self.mesh else out
 
-        concrete = step.get_concrete_function(tf.TensorSpec([group], tf.string),
-                                              tf.TensorSpec([], tf.int64))
-        traced = Step(concrete, self._step_ids, devices[0])
+        rows = tf.TensorSpec([group, w_in], tf.int64)
+        concrete = step.get_concrete_function(tf.TensorSpec([], tf.int64), rows, rows, rows)
+        traced = Step(concrete, self._step_ids, devices, answers, (group, w_in, w_out))
         path = os.environ.get(STATS_ENV)
         if path:
             with open(path, "a") as f:
@@ -181,20 +190,57 @@ class StepIds:
 
 
 class Step:
-    """A traced private step: ``step(keys)`` evaluates the queries ``keys`` (a string
-    tensor of ``group`` ids) under a fresh step id. ``concrete`` is the traced function,
-    :meth:`stats` what it costs (:mod:`privatekeras.mpc.graphstats`)."""
+    """A traced private step for groups of ``group`` queries.
 
-    def __init__(self, concrete, step_ids, default_device):
+    ``concrete`` is the whole traced function (the three workers' ops), :meth:`stats` what it
+    costs (:mod:`privatekeras.mpc.graphstats`), :meth:`plan` a digest of its messages between
+    workers. In one process (:meth:`ABY3Engine.in_process`), ``step(rows)`` runs it whole;
+    on the cluster each worker runs only :meth:`part` ``(its index)``."""
+
+    def __init__(self, concrete, step_ids, devices, answers, sizes):
         self.concrete = concrete
+        self.group, self.in_width, self.out_width = sizes
         self._ids = step_ids
-        self._default_device = default_device
+        self._devices = list(devices)
+        self._answers = list(answers)
+        self._parts = {}
 
-    def __call__(self, keys):
-        return self.concrete(keys, tf.constant(self._ids.next(), tf.int64))
+    def __call__(self, rows):
+        """Run the whole step in this process (an engine made by
+        :meth:`ABY3Engine.in_process`): ``rows[i]`` is worker i's input rows (``[group,
+        in_width]`` int64); returns the three workers' answer rows (numpy)."""
+        out = self.concrete(tf.constant(self._ids.next(), tf.int64),
+                            *[tf.constant(r, tf.int64) for r in rows])
+        return [t.numpy() for t in out]
+
+    def part(self, index):
+        """Worker ``index``'s part (:mod:`privatekeras.mpc.partition`): a :class:`Part`."""
+        if index not in self._parts:
+            args = [t.op.name for t in self.concrete.inputs]
+            fn = partition.part(self.concrete.graph, self._devices[index],
+                                [args[0], args[1 + index]], self._answers[index])
+            self._parts[index] = Part(fn, self)
+        return self._parts[index]
+
+    def plan(self):
+        return partition.plan(self.concrete.graph)
 
     def stats(self):
-        return graphstats.step_stats(self.concrete.graph, self._default_device)
+        return graphstats.step_stats(self.concrete.graph, self._devices[0])
+
+
+class Part:
+    """One worker's part of a step: ``part(step_id, rows)`` runs it in this process (its
+    messages to and from the other workers' parts go over the mesh under ``step_id``) and
+    returns this worker's answer rows, ``[group, out_width]`` int64 (numpy)."""
+
+    def __init__(self, fn, step):
+        self._fn = fn
+        self.group, self.in_width, self.out_width = step.group, step.in_width, step.out_width
+
+    def __call__(self, step_id, rows):
+        out = self._fn(tf.constant(step_id, tf.int64), tf.constant(rows, tf.int64))
+        return out[0].numpy()
 
 
 # Stateful ops that touch no other op's state: a variable's or a table's handle (the reads,

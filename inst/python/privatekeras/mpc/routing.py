@@ -1,20 +1,19 @@
 """Routing the private step's protocol messages over the workers' mesh.
 
-Worker 0 traces the step as one graph whose ops sit on the three workers' devices. Left as
-it is, every tensor that one worker's op hands to another worker's op travels through
-TensorFlow's distributed runtime: the receiver's executor asks the sender's server for it (a
-gRPC request and reply per tensor, ~0.45 ms per dependent hop here). :func:`route` rewrites
-each such edge into a :class:`PkMeshSend` on the producer's device and a ``PkMeshRecv`` on the
-consumer's, which push the tensor over the workers' own links (:mod:`privatekeras.deploy.mesh`)
-as soon as it exists: one write on one side, one wake-up on the other.
+A worker traces the step as one graph whose ops sit on the three workers' devices. Every
+tensor that one worker's op hands to another worker's op becomes a :class:`PkMeshSend` on the
+producer's device and a ``PkMeshRecv`` on the consumer's, which push the tensor over the
+workers' own links (:mod:`privatekeras.deploy.mesh`) as soon as it exists: one write on one
+side, one wake-up on the other. After routing, no edge joins two workers' devices, so each
+worker can run its own part of the graph alone (:mod:`privatekeras.mpc.partition`).
 
 Each routed edge has a number (``edge``), and every execution of the step a fresh step id
 (a function argument), so a message is matched to exactly one receive. What is not routed:
 
-* the step's arguments (query ids, step id): TensorFlow's runtime hands them to each worker
-  at the start of the step, which is also how the step id reaches the other workers;
-* control edges between workers (ordering only, no data);
-* edges from or to ops without a device (TensorFlow places them at run time).
+* the step's arguments (step id, each worker's input rows): each worker's part is fed its
+  own;
+* control edges between workers (ordering only, no data; the traced step has none);
+* edges from or to ops without a device (the traced step has none but its arguments).
 """
 
 import tensorflow as tf
@@ -33,7 +32,7 @@ def _party(op, tasks):
 def route(graph, devices, step_id):
     """Route every tensor that crosses between workers in ``graph`` (a step being traced)
     through a PkMeshSend/PkMeshRecv pair; ``step_id`` is the step's id argument (a scalar
-    int64 placeholder: TensorFlow hands it to each worker). Each (tensor, receiving worker)
+    int64 placeholder, fed to each worker's part). Each (tensor, receiving worker)
     gets one pair, shared by all its consumers there. Returns the number of routed edges."""
     from ..kernels import mesh
 
