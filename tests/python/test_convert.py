@@ -53,19 +53,53 @@ def test_tutorial_cnn_converts_exactly():
     model = tutorial_cnn(keras, batch_size=1)
     spec = convert(model)
     # each average pool's 1/4 moved into the next convolution / the Dense, and the sum pool
-    # that is left folded into the convolution before it (its bias times 4)
+    # that is left folded into the convolution before it: one 4x4 kernel at stride 2 (the
+    # sum of the 3x3 kernel's four shifts), on the input padded as SAME padded it for the
+    # 3x3 kernel; its bias times 4
     assert [n.kind for n in spec.nodes] == [
         "conv2d", "relu", "conv2d", "relu", "conv2d", "relu", "reshape", "dense"]
     np.testing.assert_allclose(spec.nodes[-1].weights[0] * 4, model.layers[-1].get_weights()[0],
                                rtol=1e-6)
     np.testing.assert_allclose(spec.nodes[0].weights[1], 4 * model.layers[0].get_weights()[1],
                                rtol=1e-6)
-    assert all(spec.nodes[i].params["sum_pool"] == {"pool_size": [2, 2], "strides": [2, 2]}
-               for i in (0, 2, 4))
+    for i, layer in zip((0, 2, 4), [l for l in model.layers if "conv" in l.name]):
+        p, kernel = spec.nodes[i].params, layer.get_weights()[0]
+        assert (tuple(p["strides"]), p["padding"], p["pad"]) == ((2, 2), "VALID",
+                                                                 [[1, 1], [1, 1]]), p
+        folded = np.zeros((4, 4) + kernel.shape[2:])
+        for dy in (0, 1):
+            for dx in (0, 1):
+                folded[dy:dy + 3, dx:dx + 3] += kernel
+        scale = 1.0 if i == 0 else 0.25  # the previous average pool's 1/4 moved in here
+        np.testing.assert_allclose(spec.nodes[i].weights[0], folded * scale, rtol=1e-6)
     assert [n.inputs for n in spec.nodes] == [[-1]] + [[i] for i in range(7)]
     assert spec.input_shape == (28, 28, 1) and spec.output_shape == (10,)
     assert spec.batch_size == 1 and spec.output_activation is None
     _check(model, np.random.default_rng(0).uniform(0, 1, (2, 28, 28, 1)))
+
+
+def test_pools_fold_into_strided_and_valid_convolutions():
+    """A sum pool folds into any convolution before it, strided or VALID, odd sizes left
+    over by the pool's VALID windows included: each folded node is one convolution, checked
+    against Keras (a pool with windows overlapping, stride 1, too)."""
+    import keras
+    from keras import layers as L
+
+    model = keras.Sequential([
+        keras.Input((13, 11, 2)),
+        L.Conv2D(4, 3, strides=2, padding="same"), L.AveragePooling2D(2), L.ReLU(),
+        L.Conv2D(3, 2, padding="valid"), L.AveragePooling2D((2, 1), strides=(1, 1)),
+        L.Flatten(), L.Dense(2)])
+    rng = np.random.default_rng(5)
+    for w in model.weights:
+        w.assign(rng.normal(0, 0.5, w.shape))
+    spec = _check(model, rng.uniform(0, 1, (3, 13, 11, 2)))
+    assert [n.kind for n in spec.nodes] == ["conv2d", "relu", "conv2d", "reshape", "dense"]
+    first, second = spec.nodes[0], spec.nodes[2]
+    # 3x3 at stride 2 under a 2x2 pool: a 5x5 kernel at stride 4, padded as SAME pads 13x11
+    assert first.weights[0].shape == (5, 5, 2, 4) and tuple(first.params["strides"]) == (4, 4)
+    assert first.params["pad"] == [[1, 1], [1, 1]] and first.shape == (3, 3, 4)
+    assert second.weights[0].shape == (3, 2, 4, 3) and second.params["pad"] == [[0, 0], [0, 0]]
 
 
 def test_batchnorm_is_folded_and_softmax_moves_to_the_client(tmp_path):

@@ -333,24 +333,35 @@ def _defer_averages(nodes, output):
     return nodes
 
 
-def _pool_into_convolutions(nodes, output):
-    """Fold a 2-D sum pool into the convolution that is its input and has no other reader:
-    the pool is linear and exact in the ring, so each worker sums the windows of its
-    unreduced product shares and the re-sharing and truncation that follow a product run on
-    the pooled values (a 2x2 pool: a quarter as many). The bias is added once per window
-    element, so it is multiplied by the window size."""
+def _pool_into_convolutions(nodes, output, input_shape):
+    """Fold a 2-D sum pool into the convolution that is its input and has no other reader.
+    The pool is linear, so ``sum_pool(conv(x, k))`` is one convolution of ``x`` with the sum
+    of the pool window's shifted copies of ``k`` (a 3x3 kernel under a 2x2 pool: a 4x4 kernel
+    at stride 2), on the input padded as the convolution padded it: a quarter as many output
+    positions, each 16 products instead of 36, and the re-sharing and truncation that follow a
+    product run on the pooled values only. The bias is added once per window element, so it
+    is multiplied by the window size. (An overlapping pool, stride below window, costs more
+    products this way than the two layers; such pools are rare.)"""
     users = _consumers(nodes)
     for p, node in enumerate(nodes):
         src = node.inputs[0] if node.inputs else INPUT
         if node.kind != "sumpool" or node.params["padding"] != "VALID" or src == INPUT:
             continue
         conv = nodes[src]
-        if conv.kind != "conv2d" or users[src] != [p] or "sum_pool" in conv.params:
+        if conv.kind != "conv2d" or users[src] != [p] or "pad" in conv.params:
             continue
         kernel, bias = conv.weights
-        conv.weights = [kernel, bias * float(np.prod(node.params["pool_size"]))]
-        conv.params = dict(conv.params, sum_pool={k: list(node.params[k])
-                                                  for k in ("pool_size", "strides")})
+        (kh, kw, c, f), (ph, pw) = kernel.shape, node.params["pool_size"]
+        (sh, sw), (qh, qw) = conv.params["strides"], node.params["strides"]
+        folded = np.zeros((kh + sh * (ph - 1), kw + sw * (pw - 1), c, f))
+        for dy in range(ph):
+            for dx in range(pw):
+                folded[sh * dy:sh * dy + kh, sw * dx:sw * dx + kw] += kernel
+        size = input_shape[:2] if conv.inputs == [INPUT] else nodes[conv.inputs[0]].shape[:2]
+        pad = [list(registry.same_padding(n, k, st)) if conv.params["padding"] == "SAME" else [0, 0]
+               for n, k, st in zip(size, (kh, kw), (sh, sw))]
+        conv.weights = [folded, bias * float(ph * pw)]
+        conv.params = dict(conv.params, strides=(sh * qh, sw * qw), padding="VALID", pad=pad)
         conv.name, conv.shape = conv.name + "+" + node.name, node.shape
         _redirect(nodes, p, src)
         output = src if output == p else output
@@ -377,7 +388,7 @@ def convert(model_or_path) -> ModelSpec:
     nodes, output = _fold_affine(nodes, output)
     assert output == len(nodes) - 1
     nodes = _defer_averages(nodes, output)
-    nodes, output = _pool_into_convolutions(nodes, output)
+    nodes, output = _pool_into_convolutions(nodes, output, input_shape[1:])
     assert output == len(nodes) - 1
     batch_size = input_shape[0]
     if batch_size is None:  # batch_input_shape= given through KerasHook

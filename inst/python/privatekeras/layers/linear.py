@@ -5,8 +5,7 @@ import numpy as np
 
 from . import (Kind, interval, keras_layout, pair, private_layout, register, same_padding,
                single)
-from ..mpc.tfe_compat import add_bias, conv2d_sum_pool
-from .pooling import sum_windows
+from ..mpc.tfe_compat import add_bias, pad_private
 
 
 def _kernel_and_bias(ctx, cfg):
@@ -84,28 +83,33 @@ class Conv2D(Kind):
     def convert(self, ctx, layer, cfg):
         return _conv_node(self, ctx, cfg, 2)
 
-    # params["sum_pool"] (pool_size, strides): a VALID sum pool folded into the convolution
-    # by the converter (its bias already times the window size); see conv2d_sum_pool.
+    # params["pad"] ([[top, bottom], [left, right]]): explicit padding, with "padding"
+    # VALID: a sum pool the converter folded into the kernel (see convert.py).
 
     def bounds(self, node, ws, x):
         lo, hi = x
         p = node["params"]
-        pool = p.get("sum_pool")
+        pad = p.get("pad")
 
         def apply(v, kernel):
-            y = conv2d_numpy(v, kernel, p["strides"], p["padding"])
-            return sum_windows(y, pool["pool_size"], pool["strides"]) if pool else y
+            if pad:
+                v = np.pad(v, (tuple(pad[0]), tuple(pad[1]), (0, 0)))
+            return conv2d_numpy(v, kernel, p["strides"], p["padding"])
 
         return _linear_bounds(apply, ws, lo, hi)
 
     def forward(self, prot, node, ws, x):
         p = node["params"]
-        pool = p.get("sum_pool")
-        if pool:
-            y = conv2d_sum_pool(prot, x, ws[0], tuple(p["strides"]), p["padding"],
-                                pool["pool_size"], pool["strides"])
-        else:
-            y = prot.conv2d(x, ws[0], tuple(p["strides"]), p["padding"])
+        strides, padding = tuple(p["strides"]), p["padding"]
+        pad = p.get("pad")
+        if pad:  # as SAME when SAME pads just so (no op), else padded shares and VALID
+            size, window = [int(d) for d in x.shape[2:]], [int(d) for d in ws[0].shape[:2]]
+            if all(list(same_padding(n, k, st)) == list(b)
+                   for n, k, st, b in zip(size, window, strides, pad)):
+                padding = "SAME"
+            elif any(any(b) for b in pad):
+                x = pad_private(prot, x, [[0, 0], [0, 0]] + [list(b) for b in pad])
+        y = prot.conv2d(x, ws[0], strides, padding)
         return add_bias(prot, y, prot.reshape(ws[1], [-1, 1, 1]))  # NCHW
 
 

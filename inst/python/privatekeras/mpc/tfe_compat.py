@@ -164,9 +164,7 @@ def _use_ring_kernels(module):
             return _reshare(prot, x, y, z)
 
     @mine
-    def conv2d_private_private(prot, x, w, strides, padding, local=None):
-        """``local``: a linear map each party applies to its unreduced product share before
-        the masking (see :func:`conv2d_sum_pool`); TFE's own calls never pass it."""
+    def conv2d_private_private(prot, x, w, strides, padding):
         if x.backing_dtype is not int64factory:
             return tfe_conv2d_pp(prot, x, w, strides, padding)
         xs, ws = x.unwrapped, w.unwrapped
@@ -178,8 +176,6 @@ def _use_ring_kernels(module):
                         [xs[i][0].value, xs[i][1].value],
                         [ws[i][0].value + ws[i][1].value, ws[i][0].value],
                         strides=_strides(strides), padding=padding, data_format="NCHW"))
-                    if local is not None:
-                        y[i] = local(y[i])
             a = prot._gen_zero_sharing(y[0].shape)
             z = [None] * 3
             for i in range(3):
@@ -394,21 +390,17 @@ def sum_pool_nchw(t, pool_size, strides):
     return y.transpose([2, 3, 0, 1])
 
 
-def conv2d_sum_pool(prot, x, w, strides, padding, pool_size, pool_strides):
-    """``sum_pool(conv2d(x, w))`` of private ``x`` (NCHW) and ``w``, the pool VALID. Each
-    party pools its unreduced (3-out-of-3) product share before ABY3 masks, re-shares and
-    truncates it: the pool is linear, so the result is the same ring value, and the
-    re-sharing and truncation run on the pooled values only (a 2x2 pool: a quarter as many
-    elements, messages and PRF words). Without the ring kernels (``PRIVATEKERAS_RING_KERNELS=0``)
-    the pool follows the convolution's truncation, as two layers would."""
-    import tf_encrypted.protocol.aby3.aby3 as aby3_mod
+def pad_private(prot, x, paddings):
+    """Private ``x`` padded with zeros (``paddings`` as for ``tf.pad``): each worker pads its
+    own shares (shares of zero are zeros), one op per share; TF Encrypted's own pad builds a
+    public zero tensor and adds it, dozens of ops."""
+    import tensorflow as tf
 
-    pool = functools.partial(sum_pool_nchw, pool_size=list(pool_size),
-                             strides=list(pool_strides))
-    conv = aby3_mod._conv2d_private_private
-    if getattr(conv, "_privatekeras_ring", False):
-        return conv(prot, x, w, strides, padding, local=pool)
-    return sum_pool_private(prot, prot.conv2d(x, w, strides, padding), pool_size, pool_strides)
+    shares = [[None, None], [None, None], [None, None]]
+    for i, pair in enumerate(x.unwrapped):
+        with tf.device(prot.servers[i].device_name):
+            shares[i] = [s.factory.tensor(tf.pad(s.value, paddings)) for s in pair]
+    return type(x)(prot, shares, x.is_scaled, x.share_type)
 
 
 def sum_pool_private(prot, x, pool_size, strides):
