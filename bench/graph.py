@@ -1,11 +1,13 @@
 """Ops, rounds and messages of the private step, counted in one process (no cluster).
 
-Traces worker 0's private step for a saved Keras model with the three parties on three logical
-CPUs of this process (``ABY3Engine.in_process``), counts its graph
-(``privatekeras.mpc.graphstats``) and, with ``--run N``, runs it N times on shares of zero
-inputs and reports the median wall and CPU time (CPU-only figures: no network, one
-process). Prints one JSON line per batch size. ``make bench`` reads the same counts from
-worker 0 itself; this is the quick way to see what a change to the engine buys.
+Traces the private step for a saved Keras model as the workers do (three workers' devices,
+the messages between them routed over the mesh, :mod:`privatekeras.mpc.routing`; tracing
+runs nothing, so no cluster is needed) and counts its graph (``privatekeras.mpc.graphstats``):
+the figures ``make bench`` reads from worker 0. With ``--run N`` it also runs the step N
+times with the three parties on three logical CPUs of this process
+(``ABY3Engine.in_process``, shares of zero inputs) and reports the median wall and CPU time
+(CPU-only figures: no network, one process). Prints one JSON line per batch size. This is
+the quick way to see what a change to the engine buys.
 
     python bench/graph.py MODEL [--batches 1,32] [--run 5]
 """
@@ -39,14 +41,17 @@ def main(argv=None):
     from privatekeras.owner import public_spec
 
     devices = ["/job:localhost/replica:0/task:0/device:CPU:{}".format(i) for i in range(3)]
+    workers = ["/job:pk/replica:0/task:{}/device:CPU:0".format(i) for i in range(3)]
     spec = convert(a.model)
     for batch in [int(b) for b in a.batches.split(",")]:
         public = public_spec(spec, "aby3", batch, 1)
-        engine = ABY3Engine.in_process(devices)
         t0 = time.monotonic()
-        step = engine.build_step(public, 1)
-        out = dict(step.stats(), batch=batch, trace_s=round(time.monotonic() - t0, 2))
+        routed = ABY3Engine(workers, ["127.0.0.1:{}".format(4000 + i) for i in range(3)], "pk")
+        out = dict(routed.build_step(public, 1).stats(), batch=batch,
+                   trace_s=round(time.monotonic() - t0, 2))
         if a.run:
+            engine = ABY3Engine.in_process(devices)
+            step = engine.build_step(public, 1)
             for device in devices:  # zero weights: the counts and the timing do not care
                 with tf.device(device):
                     for k, w in enumerate(spec.weights):

@@ -102,9 +102,11 @@ def test_control_edges_count_and_unplaced_ops_run_on_the_default_device():
 
 
 def test_tutorial_step_is_not_chained_across_workers(tmp_path):
-    """The tutorial CNN's batch-1 step (bench/graph.py, three logical CPUs): with the key
-    set-up, weight reads and tables marked independent its rounds are the protocol's
-    (< 50; 77 when chained), and the fused kernels keep it under 3,000 ops (8,333 before)."""
+    """The tutorial CNN's batch-1 step as the workers trace it (bench/graph.py: the three
+    workers' devices, routed over the mesh): with the key set-up and weight reads marked
+    independent its rounds are the protocol's (<= 32; 77 when chained), and the fused
+    kernels, the folded pools and the draws' shared constants keep it within issue 13's
+    1,000 ops, the mesh's sends and receives counted (8,333 before the issue; 964 now)."""
     model = os.path.join(str(tmp_path), "cnn.keras")
     build = ("import keras\n"
              "m = keras.Sequential([keras.Input((28, 28, 1)),"
@@ -122,7 +124,7 @@ def test_tutorial_step_is_not_chained_across_workers(tmp_path):
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-    assert stats["parties"] == 3
-    assert stats["rounds"] < 50, stats
-    assert stats["ops"] < 3000, stats
-    assert stats["messages"] < 200, stats
+    assert stats["parties"] == 3 and stats["mesh_ops"] > 0
+    assert stats["rounds"] <= 32, stats
+    assert stats["ops"] <= 1000, stats
+    assert stats["messages"] <= 124, stats

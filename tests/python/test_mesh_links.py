@@ -4,8 +4,10 @@ Worker 1's mesh runs in a child process (the mesh kernels' state is per process)
 dials it as different parties and asks the child which links its kernels hold. Only worker 0,
 with its own certificate and the right hello, gets a link (worker 1 accepts only lower
 indices); a client's or the owner's certificate, worker 2's (it never dials worker 1), a wrong
-hello, or no TLS at all leave worker 1 with no link. Then the dialing half: worker 0's mesh
-refuses a listener that presents a non-worker certificate.
+hello, or no TLS at all leave worker 1 with no link. The notes link (hello ``PKNOTE1``) admits
+the same party only, hands each well-formed note to the worker and closes on a malformed one.
+Then the dialing half: worker 0's mesh refuses a listener that presents a non-worker
+certificate.
 """
 
 import os
@@ -26,6 +28,7 @@ from privatekeras.cluster import _free_loopback_ports, local_worker_names
 from privatekeras.deploy.pki import load_local, make_local
 
 CHILD = textwrap.dedent("""
+    import json
     import sys
     from privatekeras.deploy.mesh import Mesh
     from privatekeras.deploy.pki import load_local
@@ -33,7 +36,9 @@ CHILD = textwrap.dedent("""
     hosts, names, addresses, index = sys.argv[1].split(","), sys.argv[2].split(","), \\
         sys.argv[3].split(","), int(sys.argv[4])
     mesh = Mesh(index, names, addresses, int(addresses[index].rpartition(":")[2]),
-                load_local(hosts, names[index])).start()
+                load_local(hosts, names[index]),
+                on_note=lambda peer, note: print("NOTE", peer, json.dumps(note),
+                                                 flush=True)).start()
     print("LISTENING", flush=True)
     for line in sys.stdin:
         print("ATTACHED", *[kernels.attached(p) for p in range(3)], flush=True)
@@ -63,10 +68,13 @@ class Child:
 
     def __init__(self, hosts, names, addresses, index, runtime):
         env = dict(child_env(), PRIVATEKERAS_RUNTIME_DIR=runtime)
+        # its log (stderr) apart from its answers (stdout): log lines from the mesh's
+        # threads would cut into an answer's line
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, ",".join(hosts), ",".join(names),
              ",".join(addresses), str(index)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, env=env)
+            stderr=self.log, text=True, env=env)
         self.lines = []
         self._wait("LISTENING")
 
@@ -89,6 +97,7 @@ class Child:
     def stop(self):
         self.proc.kill()
         self.proc.wait()
+        self.log.close()
 
 
 def _context(creds):
@@ -156,10 +165,55 @@ def test_only_the_expected_worker_joins(cluster_pki):
         child.stop()
 
 
+def _dial_notes(port, creds, hello, server_name):
+    """Dial as ``creds`` with ``hello``; the raw socket after the TLS handshake and the
+    acceptor's ``OK``, or None when refused."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = _context(creds).wrap_socket(sock, server_hostname=server_name)
+    tls.sendall(hello)
+    try:
+        answer = tls.recv(64)
+    except (ssl.SSLError, OSError):
+        answer = b""
+    if answer != b"OK\n":
+        sock.close()
+        return None
+    return tls.unwrap()
+
+
+def test_the_notes_link_admits_worker_0_only_and_closes_on_a_malformed_note(cluster_pki):
+    hosts, names, creds, runtime = cluster_pki
+    ports = _free_loopback_ports(3, [])
+    addresses = ["127.0.0.1:{}".format(p) for p in ports]
+    child = Child(hosts, names, addresses, 1, runtime)
+    try:
+        for role, hello in (("client", b"PKNOTE1 0 1\n"), ("owner", b"PKNOTE1 0 1\n"),
+                            (names[2], b"PKNOTE1 2 1\n"), (names[0], b"PKNOTE1 0 2\n")):
+            assert _dial_notes(ports[1], creds[role], hello, names[1]) is None, role
+        link = _dial_notes(ports[1], creds[names[0]], b"PKNOTE1 0 1\n", names[1])
+        assert link is not None
+        with link:
+            link.sendall(b'{"go":7,"session":"","model":"m","ids":[""]}\n')
+            peer = child._wait("NOTE")[0]
+            assert peer == "0" and child.lines[-1].endswith('"ids": [""]}'), child.lines[-3:]
+            link.sendall(b"not json\n")
+            link.settimeout(15)
+            try:
+                assert link.recv(64) == b""  # the child closed the link
+            except ConnectionResetError:
+                pass
+        assert child.attached() == [0, 0, 0]  # notes are no kernel link
+        assert any("malformed note" in line for line in child.lines + _drain(child))
+    finally:
+        child.stop()
+
+
 def _drain(child):
+    """Stop the child; its answers not read yet and its whole log, as lines."""
     child.proc.kill()
     out, _ = child.proc.communicate(timeout=10)
-    return out.splitlines()
+    child.log.seek(0)
+    return out.splitlines() + child.log.read().splitlines()
 
 
 def test_a_dialing_worker_refuses_a_listener_that_is_not_the_worker(cluster_pki):

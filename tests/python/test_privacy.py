@@ -8,7 +8,7 @@ shares, queries 1 and 2 with one and the same share set (byte-identical submissi
 
 Three kinds of links, all recorded by TCP proxies in this process:
 
-- **API** (owner/client/worker -> worker i's API; gRPC over mutual TLS): worker i binds its API
+- **API** (owner/client/worker 0 -> worker i's API; gRPC over mutual TLS): worker i binds its API
   on a private port R_i, and everyone else is told its address is A_i, where a proxy forwards
   to R_i (worker i is started with a hosts list naming R_i for itself and A_j for the others;
   its credentials directory, keyed by that list, is a copy of the cluster's). The recordings
@@ -16,14 +16,23 @@ Three kinds of links, all recorded by TCP proxies in this process:
   is checked at the message level instead: the owner and client scripts (privacy_owner.py,
   privacy_client.py) wrap, in their own processes, the stubs they call the workers with and
   keep every request and reply (privacy_record.py), together with the shares they made.
-- **compute** (worker <-> worker, TensorFlow's plaintext gRPC, HTTP/2 + protobuf: what starts
-  each step on each worker, with the query ids and the step id, and any tensor the mesh
-  routing leaves to TensorFlow): worker i's TensorFlow server binds Q_i (``--compute-port``)
-  while ``--compute`` names the proxies P_j for everyone.
-- **mesh** (worker <-> worker, one TCP connection per pair, opened by the lower-indexed
-  worker: a mutual TLS 1.3 handshake, then the step's protocol messages as raw frames, see
-  privatekeras.deploy.mesh): worker i's mesh binds N_i (``--mesh-port``) while ``--mesh``
-  names the proxies M_j for everyone.
+- **compute** (worker <-> worker, TensorFlow's plaintext gRPC, HTTP/2 + protobuf): the
+  workers' TensorFlow servers, which still listen but which no worker joins (each runs its
+  own part of the step in its own process), so no connection is ever made to them; the
+  proxies are there to show it, and every check below would search what they carried.
+  Worker i's TensorFlow server binds Q_i (``--compute-port``) while ``--compute`` names the
+  proxies P_j for everyone.
+- **mesh** (worker <-> worker, two TCP connections per pair, both opened by the
+  lower-indexed worker, see privatekeras.deploy.mesh): each opens with a mutual TLS 1.3
+  handshake (the hello line "PKMESH1 i j" or "PKNOTE1 i j" and the answer "OK" inside it,
+  then close_notify both ways), after which the raw stream carries either the step's protocol
+  messages as the kernels' frames (one connection per pair) or the workers' notes, one JSON
+  object per line (the other): workers 1 and 2 tell worker 0 each query's arrival
+  (``{"arrived": query id}``), and worker 0 starts each step by telling workers 1 and 2
+  ``{"go": step id, "session": ..., "model": ..., "ids": [query ids]}``; each worker then
+  feeds its own input shares of those queries to its own part of the step and gets its own
+  answer shares back. Worker i's mesh binds N_i (``--mesh-port``) while ``--mesh`` names the
+  proxies M_j for everyone.
 
 So every byte between workers crosses a proxy; a socket audit samples the workers' sockets
 throughout to show nothing bypasses the proxies.
@@ -33,8 +42,10 @@ Each proxied connection is attributed to the process that opened it (its socket 
 mesh proxies plus every byte on compute and mesh connections it opened.
 
 Byte search: every recorded compute stream is also de-framed (HTTP/2 DATA payloads reassembled
-per stream), and every mesh stream too (its frames' payloads, each one whole tensor,
-concatenated), so a tensor split across frames, or cut by frame headers, is contiguous again.
+per stream), every mesh frames stream too (its frames' payloads, each one whole tensor,
+concatenated), so a tensor split across frames, or cut by frame headers, is contiguous again,
+and every notes stream is decoded (the values its notes carry: integers as int64, hex and
+base64 strings decoded), so a tensor sent as a list of numbers or as a string is too.
 Needles are 8-element windows (64 bytes for int64/float64) that are "informative": all 8
 elements non-zero and at least 4 distinct, so a window cannot match padding or small constants
 by chance.
@@ -53,10 +64,11 @@ import pytest
 from conftest import LOGIT_ATOL, SCRIPTS, child_env
 
 sys.path.insert(0, str(SCRIPTS))
-from privacy_net import (MESH_MAGIC, PREFACE, Haystack, Lines, Names,  # noqa: E402
-                         RecordingProxy, SocketAudit, found, free_ports, http2_data,
-                         http2_data_frames, join_streams, make_credentials, maps, mesh_data,
-                         mesh_frames, mesh_stream, popen, random_looking_chunks, stop,
+from privacy_net import (MESH_MAGIC, NOTE_MAX, PREFACE, Haystack,  # noqa: E402
+                         Lines, Names, RecordingProxy, SocketAudit, found, free_ports,
+                         http2_data, http2_data_frames, join_streams,
+                         make_credentials, maps, mesh_data, mesh_frames, mesh_stream,
+                         note_lines, note_values, popen, random_looking_chunks, stop,
                          tls_records, wait_for, windows, worker_cmd)
 
 SCALE = 2.0 ** 16  # the fixed point: round(x * 2^16) as int64 (mod 2^64)
@@ -193,8 +205,10 @@ def run(models, tmp_path_factory):
 
     r.model_weights = convert(str(models / "tutorial.keras")).weights
 
-    # Haystacks: compute and mesh streams raw and de-framed, API streams raw. Each mesh
-    # stream parsed once: r.mesh[(k, direction)] = (TLS records, frames, complete).
+    # Haystacks: compute and mesh streams raw and de-framed (a mesh stream's frames' payloads
+    # and its notes' values), API streams raw. Each mesh stream parsed once:
+    # r.mesh[(k, direction)] = privacy_net.MeshStream (TLS records, kind, frames, notes,
+    # complete).
     t = time.monotonic()
     r.hay, r.complete, r.mesh = {}, {}, {}
     for k, conn in enumerate(r.conns):
@@ -204,10 +218,11 @@ def run(models, tmp_path_factory):
                 data, r.complete[(k, direction)] = http2_data(raw)
                 r.hay[(k, direction)] = [Haystack(raw), Haystack(data)]
             elif conn.link == "mesh":
-                records, frames, complete = r.mesh[(k, direction)] = mesh_stream(raw)
-                r.complete[(k, direction)] = complete
+                stream = r.mesh[(k, direction)] = mesh_stream(raw)
+                r.complete[(k, direction)] = stream.complete
                 r.hay[(k, direction)] = [Haystack(raw),
-                                         Haystack(b"".join(f.payload for f in frames))]
+                                         Haystack(b"".join(f.payload for f in stream.frames)),
+                                         Haystack(note_values(stream.notes))]
             else:
                 r.hay[(k, direction)] = [Haystack(raw)]
     r.index_time = time.monotonic() - t
@@ -217,7 +232,7 @@ def run(models, tmp_path_factory):
 # -- views ---------------------------------------------------------------------------------
 def worker_link_view(r, i):
     """Haystacks of every byte worker i sent or received on the links between workers
-    (compute and mesh)."""
+    (compute, and mesh: its frames and its notes)."""
     return [h for k, c in enumerate(r.conns) if c.link in WORKER_LINKS
             and (c.worker == i or c.origin == WORKERS[i])
             for d in ("to_worker", "from_worker") for h in r.hay[(k, d)]]
@@ -231,14 +246,15 @@ def directed(c, d, j, i):
 
 def sent_between(r, j, i, kinds=WORKER_LINKS):
     """Haystacks of the bytes worker j sent worker i on the links between workers (``kinds``:
-    compute and mesh)."""
+    compute and mesh, frames and notes)."""
     return [h for k, c in enumerate(r.conns) if c.link in kinds
             for d in ("to_worker", "from_worker") if directed(c, d, j, i)
             for h in r.hay[(k, d)]]
 
 
 def between_workers(r):
-    """Haystacks of every byte on the links between workers (compute and mesh)."""
+    """Haystacks of every byte on the links between workers (compute, mesh frames and
+    notes)."""
     return [h for k, c in enumerate(r.conns) if c.link in WORKER_LINKS
             for d in ("to_worker", "from_worker") for h in r.hay[(k, d)]]
 
@@ -255,9 +271,31 @@ def mesh_frames_between(r, t0, t1, links=None):
         for d in ("to_worker", "from_worker"):
             if c.link != "mesh" or (links is not None and not links(c, d)):
                 continue
-            frames = r.mesh[(k, d)][1]
+            frames = r.mesh[(k, d)].frames
             times = c.arrival(d, [f.end for f in frames])
             out += [(c, d, f) for f, t in zip(frames, times) if t0 <= t <= t1]
+    return out
+
+
+def mesh_kind(r, k):
+    """What mesh connection ``k`` carries after its TLS handshake: "frames" (the kernels'
+    frames one way or both, nothing else), "notes" (notes one way or both, nothing else),
+    "idle" (nothing either way) or None (a mix, or anything else)."""
+    kinds = {r.mesh[(k, d)].kind for d in ("to_worker", "from_worker")} - {""}
+    if not kinds:
+        return "idle"
+    return kinds.pop() if len(kinds) == 1 and kinds <= {"frames", "notes"} else None
+
+
+def notes_sent(r, j, i):
+    """The notes worker j sent worker i, in stream order (one notes connection per pair), as
+    (time the proxy had the note's last byte, privacy_net.Note)."""
+    out = []
+    for k, c in enumerate(r.conns):
+        for d in ("to_worker", "from_worker"):
+            if c.link == "mesh" and directed(c, d, j, i):
+                notes = r.mesh[(k, d)].notes
+                out += list(zip(c.arrival(d, [n.end for n in notes]), notes))
     return out
 
 
@@ -412,9 +450,10 @@ def mesh_frame(dtype, step, edge, shape, payload, nbytes=None, magic=MESH_MAGIC)
 def test_mesh_parser_reads_tls_records_then_whole_frames():
     """The mesh parser itself: a stream of TLS records followed by frames (an int64 tensor
     whose windows the frame headers would cut, a bool scalar, an empty uint8 tensor) parses
-    to the end, with each frame's header fields and payload; the payloads concatenated hold
-    the tensor's windows. A frame cut short, a payload size that does not match the shape, an
-    unknown dtype or a wrong magic stops the parse (incomplete)."""
+    to the end as a frames stream, with each frame's header fields and payload; the payloads
+    concatenated hold the tensor's windows. A frame cut short, a payload size that does not
+    match the shape, an unknown dtype, a wrong magic, or a note after the frames stops the
+    parse (incomplete)."""
     rng = np.random.default_rng(6)
     secret = rng.integers(1, 2 ** 62, size=(4, 10), dtype=np.int64)
     tls = (b"\x16\x03\x01\x00\x04" + b"\x01\x00\x00\x00" + b"\x14\x03\x03\x00\x01\x01"
@@ -425,8 +464,10 @@ def test_mesh_parser_reads_tls_records_then_whole_frames():
               mesh_frame(9, step, 7, [4, 5], secret[:2].tobytes()),
               mesh_frame(9, step + 1, 7, [2, 10], secret[2:].tobytes())]
     raw = tls + b"".join(frames)
-    records, parsed, complete = mesh_stream(raw)
-    assert complete and [t for t, _, _ in records] == [22, 20, 23]
+    stream = mesh_stream(raw)
+    parsed = stream.frames
+    assert stream.complete and stream.kind == "frames" and not stream.notes
+    assert [t for t, _, _ in stream.records] == [22, 20, 23]
     assert [(f.dtype, f.step, f.edge, f.shape) for f in parsed] == [
         ("bool", step, 8, ()), ("uint8", step, 9, (0, 3)), ("int64", step, 7, (4, 5)),
         ("int64", step + 1, 7, (2, 10))]
@@ -440,8 +481,58 @@ def test_mesh_parser_reads_tls_records_then_whole_frames():
     assert complete and [f[2:] for f in alone] == [f[2:] for f in parsed]
     for bad in (raw[:-1], tls + mesh_frame(9, step, 7, [4, 5], secret[:2].tobytes(), 79),
                 tls + mesh_frame(1, step, 7, [4], secret[0, :4].tobytes()),
-                tls + mesh_frame(9, step, 7, [4], secret[0, :4].tobytes(), magic=b"PKM2")):
-        assert not mesh_stream(bad)[2]
+                tls + mesh_frame(9, step, 7, [4], secret[0, :4].tobytes(), magic=b"PKM2"),
+                raw + b'{"arrived":"00"}\n'):
+        assert not mesh_stream(bad).complete
+
+
+def test_mesh_parser_reads_tls_records_then_whole_notes():
+    """The same parser on a notes link: TLS records followed by JSON lines parse to the end
+    as a notes stream, each note with its line and object; a stream that ends with its TLS
+    is complete and idle (kind ""). The notes' decoded values (note_values) hold a tensor a
+    note would carry as a list of numbers, a hex string or a base64 string, which the raw
+    JSON text does not. A line cut short (no newline) or longer than NOTE_MAX, a line that is
+    not a JSON object, NaN, a repeated key, invalid UTF-8, a frame after the notes, or
+    anything but a frame or a note after the TLS stops the parse (incomplete)."""
+    import base64
+    import json
+
+    rng = np.random.default_rng(7)
+    secret = rng.integers(1, 2 ** 62, size=3 * 16, dtype=np.int64)
+    tls = b"\x16\x03\x01\x00\x04" + b"\x01\x00\x00\x00" + b"\x17\x03\x03\x00\x03abc"
+    qid = "3f2efe77f83555908296265e15746798"
+    notes = [{"go": 1796194490307464120, "session": "f9e008fcd8a48873",
+              "model": "7f5c5f26c05f6b13", "ids": [qid, ""]}, {"arrived": qid}]
+    lines = [json.dumps(n, separators=(",", ":")).encode() + b"\n" for n in notes]
+    raw = tls + b"".join(lines)
+    stream = mesh_stream(raw)
+    assert stream.complete and stream.kind == "notes" and not stream.frames
+    assert [n.fields for n in stream.notes] == notes
+    assert [n.line for n in stream.notes] == lines and stream.notes[-1].end == len(raw)
+    assert stream.notes[0].start == len(tls)
+    idle = mesh_stream(tls)
+    assert idle.complete and idle.kind == "" and not idle.frames and not idle.notes
+    values = note_values(stream.notes)
+    assert (1796194490307464120).to_bytes(8, "little") in values
+    assert bytes.fromhex(qid) in values
+    carried = [{"rows": secret[:16].tolist()}, {"hex": secret[16:32].tobytes().hex()},
+               {"b64": base64.b64encode(secret[32:].tobytes()).decode()}]
+    text = tls + b"".join(json.dumps(n).encode() + b"\n" for n in carried)
+    stream = mesh_stream(text)
+    assert stream.complete and stream.kind == "notes"
+    needles = [n for k in range(3) for n in windows(secret[16 * k:16 * (k + 1)])]
+    assert len(needles) == 27
+    assert found([Haystack(note_values(stream.notes))], needles) == set(needles)
+    assert not found([Haystack(text)], needles)
+    long = b'{"a":"' + b"x" * NOTE_MAX + b'"}\n'
+    for bad in (raw[:-1], tls + b"[1,2]\n", tls + b'{"go":NaN}\n', tls + b'{"a":1,"a":2}\n',
+                tls + b'{"a":"\xff"}\n', tls + b"{oops}\n", tls + long,
+                raw + mesh_frame(9, 1, 1, [1], b"\x00" * 8), tls + b"PRI * HTTP/2.0"):
+        assert not mesh_stream(bad).complete, bad[len(tls):len(tls) + 20]
+    assert mesh_stream(tls + b"PRI * HTTP/2.0").kind is None
+    longest = b'{"a":"' + b"x" * (NOTE_MAX - 9) + b'"}\n'  # NOTE_MAX bytes: still a note
+    assert len(longest) == NOTE_MAX and note_lines(longest)[1]
+    assert len(note_lines(longest + longest)[0]) == 2
 
 
 def test_the_recorded_queries_are_real(run):
@@ -474,16 +565,20 @@ def test_every_byte_between_workers_goes_through_a_recording_proxy(run):
       port);
     - once all workers were up, every proxied connection reached its worker;
     - every proxied connection is attributed to the process that opened it; only workers
-      open compute and mesh connections, and the mesh is exactly one connection per pair of
-      workers, opened by the lower-indexed one; every recorded compute stream is a whole
-      sequence of HTTP/2 frames, every recorded mesh stream a run of TLS records followed
-      by whole mesh frames, to its last byte;
-    - positive control: each query's id (the step's argument) is found in what worker 0 sent
-      workers 1 and 2 on the compute links while that query was evaluated;
-    - the protocol's messages go over the mesh: while each query was evaluated, each of the
-      three pairs of workers exchanged mesh frames, and most of the bytes between workers
-      (for worker 1 and for worker 2: most of the bytes it sent or received from the other
-      workers) went over mesh links, not compute.
+      open compute and mesh connections; the mesh is exactly two connections per pair of
+      workers, both opened by the lower-indexed one, and what follows their TLS handshakes
+      tells them apart: one carries the kernels' frames, the other the notes (between
+      workers 1 and 2 it stays idle: notes only go to and from worker 0); every recorded
+      compute stream is a whole sequence of HTTP/2 frames, every recorded mesh stream a run
+      of TLS records followed by whole mesh frames or whole JSON lines, to its last byte;
+    - the query ids travel on the mesh only: each query's id is in the notes workers 1 and
+      2 sent worker 0 (its arrival) and in the notes worker 0 sent each of them (the "go"),
+      while that query was evaluated; it is never on a compute link (raw or de-framed), at
+      any time of the run;
+    - the step runs over the mesh only: while each query was evaluated, each of the three
+      pairs of workers exchanged mesh frames; and no worker ever opened a connection to
+      another's compute port (the TensorFlow servers still listen, but no worker joins
+      another's: each runs its own part of the step).
     Prints the bytes per link and phase."""
     r = run
     # Worker 0 polls the others' APIs until they answer, and each worker dials the meshes of
@@ -508,16 +603,26 @@ def test_every_byte_between_workers_goes_through_a_recording_proxy(run):
     assert {c.origin for c in r.conns} <= known, {c.origin for c in r.conns}
     assert {c.origin for c in r.conns if c.link in WORKER_LINKS} <= set(WORKERS)
     mesh = sorted((c.origin, c.worker) for c in r.conns if c.link == "mesh")
-    assert mesh == [("w0", 1), ("w0", 2), ("w1", 2)], mesh
+    assert mesh == [("w0", 1), ("w0", 1), ("w0", 2), ("w0", 2), ("w1", 2), ("w1", 2)], mesh
+    kinds = collections.defaultdict(list)
+    for k, c in enumerate(r.conns):
+        if c.link == "mesh":
+            kinds[(c.origin, c.worker)].append(mesh_kind(r, k))
+    assert {pair: sorted(v, key=str) for pair, v in kinds.items()} == {
+        ("w0", 1): ["frames", "notes"], ("w0", 2): ["frames", "notes"],
+        ("w1", 2): ["frames", "idle"]}, dict(kinds)
     assert all(r.complete.values()), [(r.conns[k].link, r.conns[k].origin, r.conns[k].worker,
                                        d) for (k, d), v in r.complete.items() if not v]
 
+    compute = [c for c in r.conns if c.link == "compute"]
+    assert not compute, [(c.origin, c.worker) for c in compute]
     for q, query in enumerate(r.queries):
         qid = submits(r, 0)[q].query_id.encode()
         for i in (1, 2):
-            sent = worker_payload(r, query["t_start"], query["t_end"],
-                                  lambda c, d: directed(c, d, 0, i), kinds=("compute",))
-            assert any(qid in data for data in sent), (q, i)
+            for j, to in ((i, 0), (0, i)):  # the arrival, then the "go"
+                lines = [n.line for t, n in notes_sent(r, j, to)
+                         if query["t_start"] <= t <= query["t_end"]]
+                assert any(qid in line for line in lines), (q, j, to)
 
     print("\nbytes between workers while each query was evaluated (compute / mesh):")
     for q, query in enumerate(r.queries):
@@ -535,9 +640,7 @@ def test_every_byte_between_workers_goes_through_a_recording_proxy(run):
                   q, total("compute"), total("mesh"), total("compute", 1), total("mesh", 1),
                   total("compute", 2), total("mesh", 2), dict(pairs)))
         assert set(pairs) == {("w0", 1), ("w0", 2), ("w1", 2)}, (q, pairs)
-        assert total("mesh") > total("compute"), q
-        for i in (1, 2):
-            assert total("mesh", i) > total("compute", i), (q, i)
+        assert total("compute") == 0 and total("mesh") > 0, q
 
     phases = [("sharing the weights, tracing and warming up the step", r.t_ready, r.t_shared),
               ("query 0 (includes the client's start)", r.t_shared, r.queries[0]["t_end"])]
@@ -563,11 +666,13 @@ def test_every_byte_between_workers_goes_through_a_recording_proxy(run):
 
 
 def test_the_api_links_are_tls_on_the_wire(run):
-    """Every recorded API connection (owner, client and workers to a worker's API) is TLS
-    1.3 from its first byte to its last: both directions are whole sequences of TLS records,
-    each opens with one handshake record (ClientHello / ServerHello) and all that follows is
-    encrypted (application data, plus the compatibility change-cipher-spec), so even the
-    certificates (names, roles) cross encrypted. Nothing readable is on these links:
+    """Every recorded API connection (owner and client to each worker's API, worker 0 to the
+    APIs of workers 1 and 2; workers 1 and 2 open none: what they tell worker 0 goes over the
+    mesh, as notes) is TLS 1.3 from its first byte to its last: both directions are whole
+    sequences of TLS records, each opens with one handshake record (ClientHello /
+    ServerHello) and all that follows is encrypted (application data, plus the compatibility
+    change-cipher-spec), so even the certificates (names, roles) cross encrypted. Nothing
+    readable is on these links:
 
     - no HTTP/2 connection preface, which opens every plaintext gRPC connection (control: it
       opens every recorded compute connection, TensorFlow's plaintext gRPC);
@@ -577,7 +682,8 @@ def test_the_api_links_are_tls_on_the_wire(run):
       messages."""
     r = run
     api = [(k, c) for k, c in enumerate(r.conns) if c.link == "api"]
-    assert {c.origin for _, c in api} == {"owner", "client"} | set(WORKERS)
+    assert {c.origin for _, c in api} == {"owner", "client", "w0"}, {c.origin for _, c in api}
+    assert {c.worker for _, c in api if c.origin == "w0"} == {1, 2}
     for k, c in api:
         for direction in ("to_worker", "from_worker"):
             records, complete = tls_records(c.data(direction))
@@ -620,47 +726,58 @@ def varint(n):
         out += bytes([low | 0x80])
 
 
-def test_mesh_links_authenticate_before_any_frame(run):
-    """Each mesh connection authenticates before it carries a single protocol message:
+def test_mesh_links_authenticate_before_any_frame_or_note(run):
+    """Each mesh connection authenticates before it carries a single protocol message or note:
 
     - both directions open with a TLS handshake record (0x16 0x03 ...: the dialer's
-      ClientHello, the acceptor's ServerHello), never with a frame or an HTTP/2 preface;
+      ClientHello, the acceptor's ServerHello), never with a frame, a note or an HTTP/2
+      preface;
     - each direction is a run of TLS records -- one handshake record, then only change
       cipher spec and encrypted records, at least three of those (TLS 1.3 hides alert
       types: the rest of the handshake, the hello line or its answer, the close_notify) --
-      followed by whole mesh frames to its last byte; the hello line ("PKMESH1 i j") is not
-      readable in it;
-    - no frame in one direction arrived before the last TLS record of the other direction:
-      each worker sends frames only once it has its peer's close_notify, which ends a
-      handshake that authenticated the peer;
+      followed by whole mesh frames or whole notes (JSON lines) to its last byte; neither
+      hello line ("PKMESH1 i j", "PKNOTE1 i j") is readable in it;
+    - no frame or note in one direction arrived before the last TLS record of the other
+      direction: each worker sends frames or notes only once it has its peer's
+      close_notify, which ends a handshake that authenticated the peer;
     - no frame carries step id 0, and each (step, edge) is one message: it occurs once in all
       the mesh traffic;
     - each query's frames carry one step id of their own, greater than the previous query's,
-      and worker 0 handed that id to workers 1 and 2 on the compute links during the query
-      (the step's argument: 8 bytes little-endian, or a protobuf varint)."""
+      and it is the step id of the "go" note in which worker 0 named that query to workers 1
+      and 2, during the query; more: the step ids of all the frames are exactly those of
+      worker 0's "go" notes (the same to worker 1 as to worker 2), so no step ran that worker
+      0 did not start with a "go", and every "go" ran a step; no step id (8 bytes
+      little-endian, or a protobuf varint) is on any compute link, at any time: workers 1
+      and 2 learn it from the note only."""
     r = run
     mesh = [(k, c) for k, c in enumerate(r.conns) if c.link == "mesh"]
-    assert len(mesh) == 3, [(c.origin, c.worker) for _, c in mesh]
+    assert len(mesh) == 6, [(c.origin, c.worker) for _, c in mesh]
     other = {"to_worker": "from_worker", "from_worker": "to_worker"}
     messages = collections.Counter()
     for k, c in mesh:
-        tls_end, first_frame = {}, {}
+        tls_end, first = {}, {}
         for d in ("to_worker", "from_worker"):
             raw = c.data(d)
-            records, frames, complete = r.mesh[(k, d)]
-            where = (c.origin, c.worker, d)
+            stream = r.mesh[(k, d)]
+            records = stream.records
+            where = (c.origin, c.worker, d, stream.kind)
             assert raw[:2] == b"\x16\x03" and not raw.startswith(PREFACE), (where, raw[:8])
-            assert complete and records, (where, complete, len(records), len(frames))
+            assert stream.complete and records, (where, stream.complete, len(records),
+                                                 len(stream.frames), len(stream.notes))
+            assert stream.kind in ("frames", "notes", ""), where
             assert records[0][0] == 22, (where, records[0])
             assert {t for t, _, _ in records[1:]} <= {20, 23}, (where, records)
             assert sum(t == 23 for t, _, _ in records) >= 3, (where, records)
             tls_end[d] = sum(5 + n for _, _, n in records)
             assert b"PKMESH1" not in raw[:tls_end[d]], where
-            if frames:
-                first_frame[d] = c.arrival(d, [frames[0].start + 1])[0]
-            messages.update((f.step, f.edge) for f in frames)
-        assert first_frame, (c.origin, c.worker)
-        for d, t in first_frame.items():
+            assert b"PKNOTE1" not in raw[:tls_end[d]], where
+            starts = [f.start for f in stream.frames] + [n.start for n in stream.notes]
+            if starts:
+                assert min(starts) == tls_end[d], where
+                first[d] = c.arrival(d, [min(starts) + 1])[0]
+            messages.update((f.step, f.edge) for f in stream.frames)
+        assert first or mesh_kind(r, k) == "idle", (c.origin, c.worker)
+        for d, t in first.items():
             authenticated = c.arrival(other[d], [tls_end[other[d]]])[0]
             assert t >= authenticated, (c.origin, c.worker, d, t - authenticated)
     assert not [m for m in messages if m[0] == 0], "frames with step id 0"
@@ -668,6 +785,12 @@ def test_mesh_links_authenticate_before_any_frame(run):
     assert not twice, "{} (step, edge) pairs sent more than once, e.g. {}".format(
         len(twice), twice[:3])
 
+    gos = {i: [(t, n.fields) for t, n in notes_sent(r, 0, i) if "go" in n.fields]
+           for i in (1, 2)}
+    assert [g for _, g in gos[1]] == [g for _, g in gos[2]], "different gos to workers 1, 2"
+    go_steps = [g["go"] for _, g in gos[1]]
+    assert {s for s, _ in messages} == set(go_steps), (sorted({s for s, _ in messages}),
+                                                       go_steps)
     previous = None
     for q, query in enumerate(r.queries):
         steps = {f.step for _, _, f in mesh_frames_between(r, query["t_start"], query["t_end"])}
@@ -675,16 +798,130 @@ def test_mesh_links_authenticate_before_any_frame(run):
         (step,) = steps
         assert previous is None or step > previous, (q, previous, step)
         previous = step
+        qid = submits(r, 0)[q].query_id
         for i in (1, 2):
-            sent = worker_payload(r, query["t_start"], query["t_end"],
-                                  lambda c, d: directed(c, d, 0, i), kinds=("compute",))
-            encodings = [step.to_bytes(8, "little", signed=True)]
-            if step > 0:
-                encodings.append(varint(step))
-            assert any(e in data for data in sent for e in encodings), (q, i, step)
-    print("\nmesh: {:,} frames, {:,} step ids; TLS records per direction {}".format(
-        sum(messages.values()), len({s for s, _ in messages}),
-        [len(r.mesh[(k, d)][0]) for k, _ in mesh for d in ("to_worker", "from_worker")]))
+            named = [(t, g["go"]) for t, g in gos[i] if qid in g["ids"]]
+            assert len(named) == 1, (q, i, named)
+            (t, go), = named
+            assert go == step and query["t_start"] <= t <= query["t_end"], (q, i, go, step)
+    compute = [h for k, c in enumerate(r.conns) if c.link == "compute"
+               for d in ("to_worker", "from_worker") for h in r.hay[(k, d)]]
+    for step in go_steps:
+        encodings = [step.to_bytes(8, "little", signed=True)]
+        if step > 0:
+            encodings.append(varint(step))
+        assert not any(e in h.data for h in compute for e in encodings), step
+    print("\nmesh: {:,} frames, {:,} step ids ({:,} \"go\" notes to each of workers 1 and 2); "
+          "TLS records per direction {}".format(
+              sum(messages.values()), len({s for s, _ in messages}), len(go_steps),
+              [len(r.mesh[(k, d)].records) for k, _ in mesh
+               for d in ("to_worker", "from_worker")]))
+
+
+QUERY_ID = re.compile(r"[0-9a-f]{32}\Z")  # a client's query id (privatekeras.worker.QUERY_ID)
+SESSION = re.compile(r"[0-9a-f]{16}\Z")  # a serving session: 8 random bytes, hex
+GO = {"go", "session", "model", "ids"}
+
+
+def test_the_notes_are_public_bookkeeping_going_the_documented_ways(run):
+    """The notes links carry public bookkeeping only, each note going the documented way:
+
+    - every note is one line that is, byte for byte, the compact JSON encoding of its object
+      (no whitespace, no padding: nothing rides along), of one of two kinds:
+      ``{"arrived": <query id>}``, from worker 1 or 2 to worker 0 only, and
+      ``{"go": <step id>, "session": ..., "model": <model id>, "ids": [<query ids>]}``, from
+      worker 0 to workers 1 and 2 only, the same notes to both; workers 1 and 2 send each
+      other none (their notes link stays idle after its TLS);
+    - the fields: query ids are 32 lowercase hex digits, step ids positive int64s, strictly
+      increasing from one "go" to the next, the model is the one the client queried, and a
+      "go"'s ids are a group of a traced size (1 or the model's max_group), padded with ""
+      at its end;
+    - Prepare's warm-up: the "go" notes that passed before the owner's share() returned
+      have session "" and only "" ids (public padding, no query), one per group size in
+      ascending order;
+    - serving: every later "go" is of one serving session (16 hex digits); together their
+      ids are the client's query ids, in the client's order, each named once;
+    - "arrived": each of workers 1 and 2 names each of the client's query ids exactly once,
+      in the client's order, after the client sent it that query's Submit and before the
+      client had its answer;
+    - worker 0 evaluates a query only once all three workers hold its shares: the "go"
+      naming a query passed its proxy after both "arrived" notes of that query had passed
+      theirs (a proxy times a byte before it forwards it, so this is causal), and after the
+      client sent worker 0 that query's Submit.
+    Prints the notes' count and bytes."""
+    import json
+
+    r = run
+    head = next(m["message"] for m in api_messages(r, 0, "Upload", "request")
+                if m["message"].spec_json)
+    spec = json.loads(head.spec_json)
+    groups = sorted({1, int(spec["max_group"])})
+    qids = [m.query_id for m in submits(r, 0)]
+    assert len(qids) == QUERIES and all(QUERY_ID.match(q) for q in qids), qids
+    model = submits(r, 0)[0].model_id
+    assert model == spec["model_id"]
+
+    for j in range(3):
+        for i in range(3):
+            if i == j:
+                continue
+            notes = notes_sent(r, j, i)
+            for _, n in notes:
+                assert n.line == json.dumps(n.fields, separators=(",", ":")).encode() + b"\n", (
+                    j, i, n.line)
+                assert len(n.line) <= NOTE_MAX
+            if j == 0:
+                assert notes and all(set(n.fields) == GO for _, n in notes), (j, i)
+            elif i == 0:
+                assert notes and all(set(n.fields) == {"arrived"} for _, n in notes), (j, i)
+            else:
+                assert not notes, (j, i, notes[:3])
+
+    gos = {i: notes_sent(r, 0, i) for i in (1, 2)}
+    assert [n.line for _, n in gos[1]] == [n.line for _, n in gos[2]]
+    steps = []
+    for _, n in gos[1]:
+        g = n.fields
+        assert type(g["go"]) is int and 0 < g["go"] < 2 ** 63, g
+        assert g["model"] == model, g
+        assert type(g["session"]) is str and type(g["ids"]) is list, g
+        assert len(g["ids"]) in groups, g
+        assert all(type(x) is str and (x == "" or QUERY_ID.match(x)) for x in g["ids"]), g
+        real = [x for x in g["ids"] if x]
+        assert g["ids"] == real + [""] * (len(g["ids"]) - len(real)), g
+        steps.append(g["go"])
+    assert steps == sorted(set(steps)), steps  # strictly increasing
+    for i in (1, 2):
+        warm = [n.fields for t, n in gos[i] if t < r.t_shared]
+        serve = [n.fields for t, n in gos[i] if t >= r.t_shared]
+        assert [len(g["ids"]) for g in warm] == groups, warm
+        assert all(g["session"] == "" and set(g["ids"]) == {""} for g in warm), warm
+        assert serve and len({g["session"] for g in serve}) == 1, serve
+        assert SESSION.match(serve[0]["session"]), serve[0]
+        assert all([x for x in g["ids"] if x] for g in serve), serve
+        assert [x for g in serve for x in g["ids"] if x] == qids, serve
+
+    arrived = {}
+    for i in (1, 2):
+        notes = notes_sent(r, i, 0)
+        assert [n.fields["arrived"] for _, n in notes] == qids, (i, notes)
+        arrived[i] = [t for t, _ in notes]
+        sent = [m["time"] for m in api_messages(r, i, "Submit", "request")]
+        for q, t in enumerate(arrived[i]):
+            assert sent[q] < t < r.queries[q]["t_end"], (i, q)
+    sent0 = [m["time"] for m in api_messages(r, 0, "Submit", "request")]
+    for q, qid in enumerate(qids):
+        for i in (1, 2):
+            named = [t for t, n in gos[i] if qid in n.fields["ids"]]
+            assert len(named) == 1, (q, i, named)
+            t_go = named[0]
+            assert t_go > max(arrived[1][q], arrived[2][q]), (q, i)
+            assert t_go > sent0[q], (q, i)
+    print("\nnotes: {} \"go\" to each of workers 1 and 2 ({} warm-up), {} \"arrived\" from "
+          "each; bytes {:,} / {:,} (go / arrived, all)".format(
+              len(gos[1]), len(groups), len(arrived[1]),
+              sum(len(n.line) for i in (1, 2) for _, n in gos[i]),
+              sum(len(n.line) for i in (1, 2) for _, n in notes_sent(r, i, 0))))
 
 
 def test_each_worker_receives_exactly_its_two_input_shares(run):
@@ -692,8 +929,8 @@ def test_each_worker_receives_exactly_its_two_input_shares(run):
     input's shares (s_0 + s_1 + s_2 = the encoded input), under one query id for all three
     and a different fetch digest each; the replicas agree (worker i's second share is worker
     i+1's first). No window of the third share s_{i+2} is in anything worker i received or
-    sent: its API messages and every byte of its links to the other workers (compute and
-    mesh, raw and de-framed)."""
+    sent: its API messages and every byte of its links to the other workers (compute, mesh
+    frames and notes; raw, de-framed and decoded)."""
     r = run
     for q in range(QUERIES):
         s = r.sharings[q]["shares"]
@@ -719,8 +956,8 @@ def test_each_worker_receives_exactly_its_two_input_shares(run):
 def test_each_worker_returns_its_two_answer_shares_and_never_sees_the_third(run):
     """Message level: worker i answers the client's Fetch with (y_i, y_{i+1}) and the replicas
     agree (worker i's y_{i+1} is worker i+1's first share). No window of y_{i+2} is in
-    anything worker i received or sent (API messages, compute and mesh links): no single
-    worker ever holds all three answer shares."""
+    anything worker i received or sent (API messages; compute links, mesh frames and notes):
+    no single worker ever holds all three answer shares."""
     r = run
     for q in range(QUERIES):
         for i in range(3):
@@ -738,8 +975,8 @@ def test_each_worker_receives_exactly_its_two_shares_of_every_weight(run):
     """Message level: the owner's upload to worker i is the public spec (architecture and
     shapes, no weight) followed by, for each of the 8 weight tensors, exactly (w_i, w_{i+1})
     of its shares (w_0 + w_1 + w_2 = round(w * 2^16)); the replicas agree. No window of the
-    third share w_{i+2} of any weight is in anything worker i received or sent (API messages,
-    compute and mesh links)."""
+    third share w_{i+2} of any weight is in anything worker i received or sent (API messages;
+    compute links, mesh frames and notes)."""
     import json
 
     r = run
@@ -780,7 +1017,7 @@ def test_workers_never_send_each_other_an_input_or_weight_share(run):
     """Stronger than "never the third share": in ABY3 a worker's input and weight shares are
     only ever used locally (products are re-shared as z_i = local products + a fresh zero
     share, truncation sends masked values), so no window of any input share s_j or any weight
-    share w_j appears on any link between workers (compute or mesh) at all.
+    share w_j appears on any link between workers (compute, mesh frames or notes) at all.
 
     Positive control on this very traffic: the search finds what ABY3 does send. The answer
     is the last Dense's re-shared product, untruncated, plus the bias at double scale:
@@ -810,8 +1047,9 @@ def test_no_clear_value_is_on_any_link_or_in_any_message(run):
     """No window of the input image (fixed-point int64, float32, float64), of the answer
     (fixed-point as reconstructed, float32 logits, float64) or of any weight (the owner's
     fixed-point encoding, round(w * 2^16) recomputed here, float32, float64, float64 * 2^16)
-    is in any recorded byte (compute and mesh links raw and de-framed, API links) or in any
-    API message the owner or the client exchanged with a worker."""
+    is in any recorded byte (compute links, mesh frames and notes, raw, de-framed and
+    decoded; API links) or in any API message the owner or the client exchanged with a
+    worker."""
     r = run
     y_enc = reconstruct(output_shares(r, 0))
     needles = {
@@ -894,15 +1132,19 @@ def test_shares_look_uniform_and_the_clear_encoding_does_not(run):
 
 def test_workers_run_our_kernels_and_listen_where_they_should(run):
     """- Each worker process has privatekeras' kernel library (pk_ops.so: ChaCha20 CSPRNG,
-      ABY3 bit ops) and the loopback bind() interposer (pk_loopback.so) mapped;
+      ABY3 bit ops, the mesh's send and receive) and the loopback bind() interposer
+      (pk_loopback.so) mapped;
     - each listens on exactly three ports: its compute port Q_i and its mesh port N_i on
       127.0.0.1 only, and its API port R_i where its --hosts entry says (localhost: loopback
       addresses), nothing else;
-    - what worker 0 sent workers 1 and 2 to run (their parts of the step's graph, on the
-      compute links) names our random ops (PkSecureSeed, PkSeededRandomUniform) and our mesh
-      ops (PkMeshSend, PkMeshRecv) -- protobuf field ``op`` = tag 0x12, length, name -- and
-      nothing worker 0 sent them (compute or mesh) names a stock TensorFlow random or seed
-      op."""
+    - no graph crosses between workers: each traces the step itself from the model's public
+      spec and runs its own part, so nothing on a compute link (either way, at any time, raw
+      or de-framed) names a traced function (``__inference_...``) or one of our ops
+      (protobuf field ``op`` = tag 0x12, length, a name "Pk..."), and nothing on any link
+      between workers (compute or mesh, either way) names a stock TensorFlow random or seed
+      op;
+    - workers 1 and 2 run our mesh ops themselves: each sent both other workers mesh frames,
+      which only our PkMeshSend kernel writes."""
     import tensorflow as tf
     from privatekeras.deploy.listening import is_loopback
 
@@ -922,15 +1164,50 @@ def test_workers_run_our_kernels_and_listen_where_they_should(run):
     def op_field(name):
         return b"\x12" + bytes([len(name)]) + name.encode()
 
+    def our_ops(data):
+        """The names of our ops (Pk..., CamelCase) that ``data`` holds as an op field."""
+        out = set()
+        for m in re.finditer(rb"\x12([\x03-\x7f])Pk", data):
+            name = data[m.start() + 2:m.start() + 2 + m.group(1)[0]]
+            if re.fullmatch(rb"Pk[A-Z][A-Za-z0-9]*", name):
+                out.add(name.decode())
+        return out
+
+    # control: the search finds our ops among a node's fields
+    assert our_ops(b"\x0a\x05seeds" + op_field("PkSecureSeed") + op_field("PkMeshSend")
+                   + op_field("Const")) == {"PkSecureSeed", "PkMeshSend"}
     stock = [n for n in dir(tf.raw_ops)
              if re.search("Random|Seed|Stateless|Multinomial|TruncatedNormal|Rng|Shuffle", n)]
     assert "RandomUniformInt" in stock and "StatelessRandomUniformV2" in stock
-    for i in (1, 2):
-        graph = b"".join(h.data for h in sent_between(r, 0, i, kinds=("compute",)))
-        for op in ("PkSecureSeed", "PkSeededRandomUniform", "PkMeshSend", "PkMeshRecv"):
-            assert graph.count(op_field(op)) > 0, (i, op)
-        sent = b"".join(h.data for h in sent_between(r, 0, i))
-        assert not [n for n in stock if op_field(n) in sent], i
+    graphs = []  # what each worker sent another as a graph over TensorFlow's runtime
+    for j in range(3):
+        for i in range(3):
+            if i == j:
+                continue
+            sent = b"".join(h.data for h in sent_between(r, j, i))
+            assert not [n for n in stock if op_field(n) in sent], (j, i)
+            compute = b"".join(h.data for h in sent_between(r, j, i, kinds=("compute",)))
+            functions = sorted(set(re.findall(rb"__inference_[A-Za-z0-9_]+", compute)))
+            if our_ops(compute) or functions:
+                links = [(c, d) for c in r.conns if c.link == "compute"
+                         for d in ("to_worker", "from_worker") if directed(c, d, j, i)]
+                when = [t for c, d in links for t, chunk in c.chunks[d]
+                        if our_ops(chunk) or b"__inference_" in chunk]
+                graphs.append(
+                    "worker {} sent worker {} graphs over TensorFlow's runtime (compute, {:,} "
+                    "bytes in all): functions {}, naming our ops {}; in chunks that arrived "
+                    "{:.2f}..{:.2f} s into the run (model shared at {:.2f} s)".format(
+                        j, i, sum(c.nbytes(d) for c, d in links),
+                        [f.decode() for f in functions], sorted(our_ops(compute)),
+                        min(when, default=r.t_start) - r.t_start,
+                        max(when, default=r.t_start) - r.t_start, r.t_shared - r.t_start))
+    for j in (1, 2):
+        for i in {0, 1, 2} - {j}:
+            frames = [f for k, c in enumerate(r.conns) if c.link == "mesh"
+                      for d in ("to_worker", "from_worker") if directed(c, d, j, i)
+                      for f in r.mesh[(k, d)].frames]
+            assert frames, (j, i)
+    assert not graphs, "\n".join(graphs)
 
 
 def test_identical_queries_get_fresh_masks_and_fresh_answer_shares(run):
@@ -969,4 +1246,5 @@ def test_identical_queries_get_fresh_masks_and_fresh_answer_shares(run):
                                                           same))
     np.testing.assert_allclose(reconstruct(ya) / ANSWER_SCALE, reconstruct(yb) / ANSWER_SCALE,
                                atol=1e-3)
+
 

@@ -190,8 +190,8 @@ class WorkerServer:
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self):
-        """Join the workers' compute cluster, open the API, and (worker 0) wait for the other
-        two workers. Returns self."""
+        """Start the mesh and this worker's TensorFlow server, open the API, and (worker 0)
+        wait for the other two workers' APIs. Returns self."""
         from .deploy.mesh import Mesh
         from .kernels import loader
         from .mpc.tfe_compat import import_tfe
@@ -201,28 +201,27 @@ class WorkerServer:
         self._mesh = Mesh(self.index, cfg.names, cfg.mesh, cfg.mesh_port,
                           cfg.credentials, on_note=self._on_note).start()
         import_tfe()  # before joining: TF Encrypted builds a default protocol on import
+        self._join_compute()
         if self.index != 0:
-            self._join_compute()
             threading.Thread(target=self._run_gos, name="privatekeras-steps",
                              daemon=True).start()
         self._open_api()
         if self.index == 0:
             self._await_peers()
-            self._join_compute()
         threading.Thread(target=self._janitor, name="privatekeras-janitor", daemon=True).start()
         return self
 
     def _join_compute(self):
-        """Start this worker's TensorFlow server (worker 0: and connect to the other two)."""
+        """Start this worker's TensorFlow server, a cluster of its own task only: its device
+        is then named as the traced step names it (``/job:pk/replica:0/task:<index>``). No
+        worker connects to another's server: an eager context that did would copy every
+        function it makes (the whole traced step) to the others' servers."""
         import tensorflow as tf
         from tensorflow.core.protobuf import tensorflow_server_pb2
         from tensorflow.python.eager import context
 
         cfg = self.config
-        if self.index == 0:
-            tasks = dict(enumerate(cfg.compute))
-        else:  # workers 1 and 2 only serve worker 0's graphs; they need no other address
-            tasks = {self.index: "127.0.0.1:{}".format(cfg.compute_port)}
+        tasks = {self.index: "127.0.0.1:{}".format(cfg.compute_port)}
         cluster = tf.train.ClusterSpec({cfg.job: tasks}).as_cluster_def()
         server_def = tensorflow_server_pb2.ServerDef(
             cluster=cluster, job_name=cfg.job, task_index=self.index, protocol="grpc",
@@ -245,8 +244,8 @@ class WorkerServer:
         say("%s: API (mutual TLS) on %s", self.config.name, self.config.api_listen)
 
     def _await_peers(self):
-        """Worker 0 waits until workers 1 and 2 answer on their APIs (so their TensorFlow
-        servers are up) before connecting the compute cluster."""
+        """Worker 0 waits until workers 1 and 2 answer on their APIs (so that it reports
+        ready only when the cluster is)."""
         last = 0.0
         for i in self.PEERS:
             while True:

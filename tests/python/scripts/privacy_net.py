@@ -1,6 +1,7 @@
 """Helpers of the privacy and invariant tests (test_privacy.py, test_invariants.py): recording
-TCP proxies, who owns which socket (/proc), a socket audit, HTTP/2, TLS and mesh framing, and
-the windowed byte search. Imported by the tests (this directory is put on sys.path), not run.
+TCP proxies, who owns which socket (/proc), a socket audit, HTTP/2, TLS and the mesh's framing
+(kernel frames and JSON notes), and the windowed byte search. Imported by the tests (this
+directory is put on sys.path), not run.
 """
 
 import collections
@@ -348,14 +349,20 @@ class RecordingProxy:
 
 # ----------------------------------------------------------------------------------------
 # Framing: HTTP/2 (TensorFlow's worker-to-worker gRPC, plaintext), TLS (the API, and the
-# mesh's handshake) and the mesh's frames
+# mesh's handshake) and the mesh's frames and notes
 # ----------------------------------------------------------------------------------------
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-def http2_data_frames(raw):
-    """The DATA frames of an HTTP/2 byte stream as (end offset, stream id, payload), and
-    whether the frames tile the whole stream."""
+HTTP2_TYPES = {0: "DATA", 1: "HEADERS", 2: "PRIORITY", 3: "RST_STREAM", 4: "SETTINGS",
+               5: "PUSH_PROMISE", 6: "PING", 7: "GOAWAY", 8: "WINDOW_UPDATE", 9: "CONTINUATION"}
+Http2Frame = collections.namedtuple("Http2Frame", "start end type flags stream body")
+
+
+def http2_frames(raw):
+    """The frames of an HTTP/2 byte stream (after the client's connection preface, if it
+    opens with one) as Http2Frame (start and end offsets, type, flags, stream id, payload as
+    sent), and whether they tile the whole stream."""
     pos = len(PREFACE) if raw.startswith(PREFACE) else 0
     frames = []
     while pos + 9 <= len(raw):
@@ -365,12 +372,23 @@ def http2_data_frames(raw):
         body = raw[pos + 9:pos + 9 + length]
         if len(body) < length:
             break
+        frames.append(Http2Frame(pos, pos + 9 + length, ftype, flags, sid, body))
         pos += 9 + length
-        if ftype == 0:  # DATA
-            if flags & 0x8:  # PADDED
-                body = body[1:len(body) - body[0]]
-            frames.append((pos, sid, body))
     return frames, pos == len(raw)
+
+
+def http2_data_frames(raw):
+    """The DATA frames of an HTTP/2 byte stream as (end offset, stream id, payload), and
+    whether the frames tile the whole stream."""
+    frames, complete = http2_frames(raw)
+    out = []
+    for f in frames:
+        if f.type == 0:  # DATA
+            body = f.body
+            if f.flags & 0x8:  # PADDED
+                body = body[1:len(body) - body[0]]
+            out.append((f.end, f.stream, body))
+    return out, complete
 
 
 def join_streams(frames):
@@ -411,16 +429,24 @@ def tls_records(raw, only_tls=False):
     return records, pos == len(raw)
 
 
-# The mesh (privatekeras.deploy.mesh): after the TLS handshake, one frame per message, all
-# little-endian: magic "PKM1", dtype (TensorFlow's DataType enum: a fixed-width integer or
-# bool) uint32, step int64, edge int64, rank uint32, dims int64[rank], payload bytes uint64,
-# then the tensor's raw bytes.
+# The mesh (privatekeras.deploy.mesh): two connections per pair of workers, each opened with a
+# mutual TLS 1.3 handshake (the hello line "PKMESH1 i j" or "PKNOTE1 i j" and its "OK" inside,
+# then close_notify both ways); after it, the raw stream carries either
+#
+# - the kernels' frames (the "PKMESH1" link), one per protocol message, all little-endian:
+#   magic "PKM1", dtype (TensorFlow's DataType enum: a fixed-width integer or bool) uint32,
+#   step int64, edge int64, rank uint32, dims int64[rank], payload bytes uint64, then the
+#   tensor's raw bytes; or
+# - the workers' notes (the "PKNOTE1" link): one JSON object per line, newline-terminated.
 MESH_MAGIC = b"PKM1"
 MESH_DTYPES = {9: ("int64", 8), 3: ("int32", 4), 5: ("int16", 2), 6: ("int8", 1),
                23: ("uint64", 8), 22: ("uint32", 4), 17: ("uint16", 2), 4: ("uint8", 1),
                10: ("bool", 1)}
 MESH_MAX_RANK = 8
+NOTE_MAX = 65536  # bytes in one note's line, newline included (deploy.mesh.MAX_NOTE)
 MeshFrame = collections.namedtuple("MeshFrame", "start end dtype step edge shape payload")
+Note = collections.namedtuple("Note", "start end line fields")
+MeshStream = collections.namedtuple("MeshStream", "records kind frames notes complete")
 
 
 def mesh_frames(raw, pos=0):
@@ -457,20 +483,112 @@ def mesh_frames(raw, pos=0):
     return frames, pos == len(raw)
 
 
+def _strict_object(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key repeated: {}".format(keys))
+    return dict(pairs)
+
+
+def _no_constant(name):
+    raise ValueError("not JSON: {}".format(name))
+
+
+def note_lines(raw, pos=0):
+    """The notes of ``raw`` from offset ``pos`` on, as Note (start and end offsets in ``raw``,
+    the line with its newline, the decoded object), and whether they tile the rest of the
+    stream. Parsing stops at the first line that is cut short (no newline), longer than
+    NOTE_MAX, not UTF-8, not strict JSON (NaN, Infinity or a repeated key are refused), or
+    not a JSON object."""
+    import json
+
+    notes = []
+    while pos < len(raw):
+        end = raw.find(b"\n", pos)
+        if end < 0 or end + 1 - pos > NOTE_MAX:
+            break
+        line = raw[pos:end + 1]
+        try:
+            fields = json.loads(line.decode("utf-8"), object_pairs_hook=_strict_object,
+                                parse_constant=_no_constant)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError too
+            break
+        if not isinstance(fields, dict):
+            break
+        notes.append(Note(pos, end + 1, line, fields))
+        pos = end + 1
+    return notes, pos == len(raw)
+
+
 def mesh_stream(raw):
     """One direction of a mesh connection: the run of TLS records it opens with (the
-    handshake, hello and answer, close_notify), then mesh frames. Returns (records, frames,
-    complete): complete when the two tile the whole stream."""
+    handshake, hello and answer, close_notify), then either mesh frames or notes. Returns a
+    MeshStream: ``records``; ``kind``, what follows the TLS records: "frames" (it starts with
+    the frames' magic), "notes" (it starts with "{"), "" (nothing: the stream ends with its
+    TLS), None (anything else); ``frames`` and ``notes``, the parsed ones; ``complete``, when
+    the TLS records and the frames or notes tile the whole stream."""
     records, _ = tls_records(raw, only_tls=True)
-    frames, complete = mesh_frames(raw, sum(5 + length for _, _, length in records))
-    return records, frames, complete
+    pos = sum(5 + length for _, _, length in records)
+    frames, notes = [], []
+    if pos == len(raw):
+        kind, complete = "", True
+    elif raw.startswith(MESH_MAGIC, pos):
+        kind = "frames"
+        frames, complete = mesh_frames(raw, pos)
+    elif raw.startswith(b"{", pos):
+        kind = "notes"
+        notes, complete = note_lines(raw, pos)
+    else:
+        kind, complete = None, False
+    return MeshStream(records, kind, frames, notes, complete)
 
 
 def mesh_data(raw):
     """The payloads of the mesh frames of one direction of a mesh connection, concatenated
     (each frame is one whole tensor). Returns (payload, complete)."""
-    _, frames, complete = mesh_stream(raw)
-    return b"".join(f.payload for f in frames), complete
+    stream = mesh_stream(raw)
+    return b"".join(f.payload for f in stream.frames), stream.complete
+
+
+def note_values(notes):
+    """The values the notes carry, as bytes for the byte search, in order: each integer as
+    8 bytes little-endian (two's complement, mod 2^64), each string hex-decoded when it is
+    hex of even length, else base64-decoded when it is valid base64, else as its UTF-8 bytes;
+    lists and objects walked in order (object keys as strings). So an int64 tensor a note
+    carried as a list of numbers, or as a hex or base64 string, is contiguous again."""
+    import base64
+    import binascii
+
+    out = []
+
+    def walk(v):
+        if isinstance(v, bool) or v is None:
+            return
+        if isinstance(v, int):
+            out.append((v % (1 << 64)).to_bytes(8, "little"))
+        elif isinstance(v, float):
+            out.append(np.float64(v).tobytes())
+        elif isinstance(v, str):
+            data = v.encode("utf-8")
+            try:
+                if len(v) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in v):
+                    data = bytes.fromhex(v)
+                else:
+                    data = base64.b64decode(v, validate=True) if v else b""
+            except (ValueError, binascii.Error):
+                pass
+            out.append(data)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(k)
+                walk(x)
+
+    for note in notes:
+        walk(note.fields)
+    return b"".join(out)
 
 
 # ----------------------------------------------------------------------------------------
