@@ -1,8 +1,8 @@
 // privatekeras mesh transport: the three workers' protocol messages travel on our own
 // sockets ("the mesh") instead of TensorFlow's distributed Send/Recv.
 //
-// TensorFlow's distributed runtime still partitions and launches the graph; where a tensor
-// crosses from worker a to worker b the graph has PkMeshSend on a and PkMeshRecv on b. Each
+// Each worker runs its own part of the traced step in its own process; where a tensor
+// crosses from worker a to worker b the step has PkMeshSend on a and PkMeshRecv on b. Each
 // worker process holds one connected, authenticated stream socket to each of its two peers
 // (Python sets them up and hands their fds to pk_mesh_attach below).
 //
