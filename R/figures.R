@@ -29,7 +29,7 @@ draw_parties <- function() {
     box(x0, 4, x0 + 28, 20, worker_col, sprintf("Worker %d", i),
         c(sprintf("shares %d and %d of W, x and y", i, j),
           "(random-looking on their own)",
-          if (i == 0) "drives each private step" else "computes with the others"))
+          if (i == 0) "starts each private step" else "computes with the others"))
   }
   centre <- wx + 14
   # Owner and client to every worker: the workers' API, mutual TLS.

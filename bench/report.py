@@ -171,12 +171,8 @@ def targets(results, links=None, previous=None):
 
     add("ABY3 batch-32 throughput (issue 13)", b32, "{:.0f} images/s", ">= 150 images/s",
         lambda v: v >= 150)
-    def protocol_ops(rows):
-        ops, mesh = b1_value("step_ops")(rows), b1_value("step_mesh_ops")(rows)
-        return None if ops is None else ops - (mesh or 0)
-
-    add("ABY3 batch-1 private step: TensorFlow ops without the mesh's send/receive ops "
-        "(issue 13)", protocol_ops, "{:.0f}", "<= 1000", lambda v: v <= 1000)
+    add("ABY3 batch-1 private step: TensorFlow ops, the mesh's sends and receives included "
+        "(issue 13)", b1_value("step_ops"), "{:.0f}", "<= 1000", lambda v: v <= 1000)
     py = find(results, "this", "aby3", 1, "python")
     r = find(results, "this", "aby3", 1, "r")
     add("R overhead over Python (ABY3 batch 1, R median - Python median)",
@@ -497,9 +493,10 @@ METHOD = """\
 - Latency is the wall time of one `query()` call in the client (Python `time.perf_counter`,
   R `Sys.time`): median and 90th percentile over all queries but the first. Images/s are the
   images of those queries divided by their total time (one query at a time).
-- Private step: worker 0 times each private step (the traced ABY3 step function's call,
-  reading the query's input shares on the three workers and writing its output shares) and
-  sends it to the owner with each answer (`SharedModel.step_seconds`). The serving path
+- Private step: worker 0 times its part of each private step (the call of its part of the
+  traced ABY3 step, from its input shares to its answer shares; it waits for the other two
+  parts' messages, so this is the step as worker 0 sees it, after its "go" notes to workers 1
+  and 2) and sends it to the owner with each answer (`SharedModel.step_seconds`). The serving path
   around the step is median latency - median step time over the same queries: the client's
   sharing and reconstruction, its API calls to the three workers, the workers agreeing that a
   query's shares are all there, and handing out the answer shares.
@@ -520,9 +517,9 @@ METHOD = """\
   its inode and the kernel's `bytes_acked` counter; the owners of our own processes' sockets
   are also read from their `/proc/PID/fd`. Snapshots are taken after the first query and
   after the last (the owner stops the workers only after that); for each socket owned by a
-  worker process whose peer socket is owned by another worker process, on a compute port
-  (the TensorFlow servers, named in the workers' command lines; every worker-to-worker
-  socket in the previous release), the counter's increase is summed (each direction counted
+  worker process whose peer socket is owned by another worker process, on a compute or mesh
+  port (named in the workers' command lines; this release's step runs over the mesh, the
+  previous release's over the TensorFlow servers' compute ports), the counter's increase is summed (each direction counted
   once, at its sender) and divided by the number of queries in between. The workers' own
   API calls to each other (`bytes_workers_control_per_query`) and the traffic between the
   workers and the owner or client (this release: API calls with TLS; the previous release:
@@ -541,16 +538,16 @@ METHOD = """\
   also sends 20 extra queries, each timed in R around `query(client, x)` and in Python
   around the core's `client.query()` that it calls; the median difference is the R layer's
   own cost (argument checks, R <-> NumPy conversions), free of network and load noise.
-- Ops, rounds and messages per step: counted on the traced step's TensorFlow graph (worker
-  0's `tf.function`; the previous release's owner's, where the owner process drove the step
+- Ops, rounds and messages per step: counted on the traced step's TensorFlow graph (the
+  whole step as each worker traces it, worker 0's reported: the three parts together; the previous release's owner's, where the owner process drove the step
   and counts as a fourth party) by `privatekeras/mpc/graphstats.py`: ops are the graph's
   operations over all parties; a message is a tensor (or control edge) that crosses from one
   party's device to another's (one Send/Recv pair at run time, counted once per producing
   tensor and receiving party), or one PkMeshSend/PkMeshRecv pair of the mesh (this release:
-  the pairs are ops of the graph, counted in the ops and shown apart; TensorFlow's own
-  Send/Recv pairs are inserted at run time and never were in the count, so the issue's ops
-  target is checked without the mesh's); rounds are the longest chain of dependent crossings in the
-  dependency graph. `bench/graph.py MODEL` gives the same counts in one process, no cluster.
+  the pairs are ops of the graph, counted in the ops and shown apart, and the issue's ops
+  target counts them; TensorFlow's own Send/Recv pairs are inserted at run time and never
+  were in the count); rounds are the longest chain of dependent crossings in the dependency
+  graph. `bench/graph.py MODEL` gives the same counts in one process, no cluster.
 - Accuracy: the private logits of every image queried are compared with plaintext Keras
   (`model.predict`) on the same images: max abs logit error and argmax agreement.
 - Plaintext: measured in the same run, in its own process before any cluster starts: median
