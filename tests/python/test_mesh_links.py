@@ -129,11 +129,16 @@ def _dial(port, creds, hello, server_name):
         sock.close()
 
 
-def test_only_the_expected_worker_joins(cluster_pki):
+def _worker1(cluster_pki):
+    """Worker 1's mesh in a child process on fresh ports: (ports, names, creds, child)."""
     hosts, names, creds, runtime = cluster_pki
     ports = _free_loopback_ports(3, [])
     addresses = ["127.0.0.1:{}".format(p) for p in ports]
-    child = Child(hosts, names, addresses, 1, runtime)
+    return ports, names, creds, Child(hosts, names, addresses, 1, runtime)
+
+
+def test_only_the_expected_worker_joins(cluster_pki):
+    ports, names, creds, child = _worker1(cluster_pki)
     try:
         assert child.attached() == [0, 0, 0]
         # A client's and the owner's certificates: refused, no link.
@@ -182,10 +187,7 @@ def _dial_notes(port, creds, hello, server_name):
 
 
 def test_the_notes_link_admits_worker_0_only_and_closes_on_a_malformed_note(cluster_pki):
-    hosts, names, creds, runtime = cluster_pki
-    ports = _free_loopback_ports(3, [])
-    addresses = ["127.0.0.1:{}".format(p) for p in ports]
-    child = Child(hosts, names, addresses, 1, runtime)
+    ports, names, creds, child = _worker1(cluster_pki)
     try:
         for role, hello in (("client", b"PKNOTE1 0 1\n"), ("owner", b"PKNOTE1 0 1\n"),
                             (names[2], b"PKNOTE1 2 1\n"), (names[0], b"PKNOTE1 0 2\n")):
