@@ -65,8 +65,15 @@ def test_worker_killed_mid_serve_then_restart_in_the_same_process(models, tmp_pa
         for c in clients:
             c.wait_for("CONNECTED", 120)
         _wait_answered(owner, 6)
+        # Hold the query in flight: with worker 2 paused, the step being evaluated cannot end,
+        # so its client waits for its answer (steps take ~15 ms and a Submit about as long:
+        # without the pause, all three clients may be caught submitting); the others wait on
+        # their Submit to worker 2. Then worker 1 dies, and worker 2 goes on.
+        os.kill(pids[2], signal.SIGSTOP)
+        time.sleep(0.5)
         killed_at = time.time()
         os.kill(pids[1], signal.SIGKILL)
+        os.kill(pids[2], signal.SIGCONT)
         TALLY["faults injected"] += 1
 
         # Every client: a clear error within FAIL_WITHIN seconds, then it exits. One that
@@ -99,7 +106,7 @@ def test_worker_killed_mid_serve_then_restart_in_the_same_process(models, tmp_pa
         assert owner.wait(120) == 0, owner.output[-3000:]
         assert "SERVED AGAIN 1" in owner.output
         got = np.load(tmp_path / "a.npz")
-        assert str(got["error"]) == ""
+        assert str(got["error"]) == "", (again.output[-3000:], owner.output[-12000:])
         plain = np.load(models / "tutorial_logits.npy")[50:51]
         np.testing.assert_allclose(got["logits"], plain, atol=LOGIT_ATOL)
         assert got["logits"].argmax() == plain.argmax()

@@ -11,8 +11,9 @@ the private logits are compared with plaintext Keras.
 Then what must not be possible, each check with a control that shows it can fail:
 * no worker's compute or mesh port is reachable from the owner's or the client's host, and
   nothing but the ``api`` and ``link`` ports listens on a worker's bridge-facing address (``ss``);
-* only TLS crosses the bridge: TensorFlow's plaintext gRPC markers, which a capture of
-  worker0's loopback does find, appear in no frame on the bridge;
+* only TLS crosses the bridge: the mesh's frames and notes, which a capture of worker0's
+  loopback finds in clear (between worker 0 and its end of the links), and TensorFlow's
+  plaintext gRPC markers appear in no frame on the bridge;
 * a worker's API refuses a client certificate of another CA, a peer with no certificate and
   plain TCP;
 * a worker's stunnel link refuses a client's (and the owner's) certificate: only workers link;
@@ -37,8 +38,11 @@ from netns import (API_PORT, CLUSTER_HOSTS, COMPUTE, LINK_PORT, MESH, NAMES, WOR
 
 PY = sys.executable
 N_QUERIES = 12
-# TensorFlow's gRPC in clear carries these (device names, service and message names).
-PLAINTEXT_MARKERS = ("/job:", "device:CPU", "EagerService", "tensorflow")
+# TensorFlow's gRPC in clear would carry the first four; the mesh's links carry the last three
+# in clear between a worker and its end of the stunnel links (a frame's magic and int64 dtype,
+# the notes).
+MESH_MARKERS = ("PKM1\t\x00\x00\x00", '{"go":', '{"arrived":"')
+PLAINTEXT_MARKERS = ("/job:", "device:CPU", "EagerService", "tensorflow") + MESH_MARKERS
 FAIL_WITHIN = 30.0  # seconds for a stopped worker to become a clear error
 
 
@@ -184,8 +188,8 @@ def test_private_predictions_across_hosts_match_keras_and_only_tls_crosses(hosts
     h = hosts
     env = child_env()
     # Every frame on the hub (the bridge and its ports: all traffic between hosts), and, as
-    # the control that the search works, worker0's loopback, where its TensorFlow runtime
-    # talks in clear to the local ends of the links.
+    # the control that the search works, worker0's loopback, where its mesh links run in clear
+    # to the local ends of the stunnel links.
     captures = {where: h.net.lines(host, [PY, str(SCRIPTS / "capture.py")] + iface, env)
                 for where, host, iface in (("bridge", "hub", []), ("w0-loopback", "w0", ["lo"]))}
     for c in captures.values():
@@ -229,7 +233,7 @@ def test_private_predictions_across_hosts_match_keras_and_only_tls_crosses(hosts
     assert {API_PORT, LINK_PORT} <= ports, ports  # the API and the links both carried data
     assert all(p in (API_PORT, LINK_PORT) or p >= 32768 for p in ports), ports
     assert not ports & (set(COMPUTE.values()) | set(MESH.values())), ports
-    for marker in ("/job:", "device:CPU"):  # the control: the same search finds them in clear
+    for marker in MESH_MARKERS:  # the control: the same search finds them in clear
         assert control["markers"][marker] > 0, control
     assert set(PLAINTEXT_MARKERS) <= set(bridge["markers"]), bridge["markers"]
 

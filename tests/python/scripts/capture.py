@@ -8,8 +8,10 @@ once the socket is open, then, when stdin closes, one JSON summary:
 - ``markers``: how often each plaintext marker occurs in any payload. TensorFlow's
   worker-to-worker gRPC shows ``/job:``, ``EagerService``, ``tensorflow``, ``device:CPU``;
   ``PRI * HTTP/2.0`` is the preface that opens every plaintext HTTP/2 connection (TensorFlow's
-  gRPC, or an API without TLS); ``privatekeras`` names our service and modules. None of them
-  can occur in TLS records;
+  gRPC, or an API without TLS); ``privatekeras`` names our service and modules; the mesh's
+  links show their frames' header (magic ``PKM1`` and an int64 dtype) and their notes
+  (``{"go":``, ``{"arrived":"``) once past their TLS handshake. None of them can occur in TLS
+  records (but by a chance of about 2^-48 per byte position);
 - ``tls_app_records`` / ``tls_handshake_records``: payloads that start like a TLS
   application-data / handshake record.
 """
@@ -20,7 +22,7 @@ import struct
 import sys
 
 MARKERS = [b"/job:", b"EagerService", b"tensorflow", b"privatekeras", b"device:CPU",
-           b"PRI * HTTP/2.0"]
+           b"PRI * HTTP/2.0", b"PKM1\x09\x00\x00\x00", b'{"go":', b'{"arrived":"']
 ETH_IPV4, ETH_IPV6, TCP = b"\x08\x00", b"\x86\xdd", 6
 
 
