@@ -176,7 +176,7 @@ class WorkerServer:
         self._closing = threading.Event()
         self._sending = collections.Counter()  # session -> answer shares being sent by Fetch
         self._engine = None
-        self._steps = {}  # group size -> traced step (this worker runs its part)
+        self._steps = {}  # worker 0: group size -> traced step, once prepared
         self._trace_lock = threading.Lock()
         self._gos = queue.Queue()  # workers 1 and 2: worker 0's "go" notes, in order
         # worker 0 only
@@ -427,9 +427,6 @@ class WorkerServer:
             raise Refusal("Failed", "{} does not hold model {}: upload it to all three "
                           "workers".format(self.config.name, request.model_id))
         steps = self._trace(model)
-        with self._cv:
-            if self._model is model:
-                self._steps = steps
         return M.TraceReply(plans=[steps[g].plan() for g in sorted(steps)])
 
     def StopServing(self, request, context, peer):
@@ -569,12 +566,9 @@ class WorkerServer:
                 self._mesh.note(i, go=step_id, session=session, model=model.id, ids=ids)
             except ClusterError as exc:
                 raise Refusal("WorkerLost", "serving failed: {}".format(exc)) from None
-        part = step.part(self.index)
-        with self._cv:
-            rows = model.take_inputs(ids, part.in_width)
         t0 = time.perf_counter()
         try:
-            answers = part(step_id, rows)
+            answers = self._run_part(model, step, step_id, ids)
         except tf.errors.OpError as exc:
             self._check_peers()
             raise Refusal("WorkerLost", "serving failed, a worker stopped answering: {}".format(
@@ -582,6 +576,14 @@ class WorkerServer:
         seconds = time.perf_counter() - t0
         self._deliver(model, ids, answers)
         return seconds
+
+    def _run_part(self, model, step, step_id, ids):
+        """Run this worker's part of ``step`` under ``step_id`` on the queries ``ids`` (their
+        input shares taken out of ``model``); returns this worker's answer rows."""
+        part = step.part(self.index)
+        with self._cv:
+            rows = model.take_inputs(ids, part.in_width)
+        return part(step_id, rows)
 
     def _deliver(self, model, ids, answers):
         """Hand each evaluated query its answer shares (``answers``: this worker's answer
@@ -810,11 +812,9 @@ class WorkerServer:
                 if step is None:
                     raise Refusal("Failed", "worker 0 started a step for a model or group size "
                                             "this worker has not traced")
-                part = step.part(self.index)
                 with self._cv:
-                    rows = model.take_inputs(ids, part.in_width)
                     self._session = go["session"]
-                answers = part(go["go"], rows)
+                answers = self._run_part(model, step, go["go"], ids)
             except (Refusal, tf.errors.OpError) as exc:
                 message = exc.message if isinstance(exc, Refusal) else _first_line(exc)
                 warn("%s: its part of step %d failed: %s; closing its mesh links",

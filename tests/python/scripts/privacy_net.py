@@ -354,15 +354,9 @@ class RecordingProxy:
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-HTTP2_TYPES = {0: "DATA", 1: "HEADERS", 2: "PRIORITY", 3: "RST_STREAM", 4: "SETTINGS",
-               5: "PUSH_PROMISE", 6: "PING", 7: "GOAWAY", 8: "WINDOW_UPDATE", 9: "CONTINUATION"}
-Http2Frame = collections.namedtuple("Http2Frame", "start end type flags stream body")
-
-
-def http2_frames(raw):
-    """The frames of an HTTP/2 byte stream (after the client's connection preface, if it
-    opens with one) as Http2Frame (start and end offsets, type, flags, stream id, payload as
-    sent), and whether they tile the whole stream."""
+def http2_data_frames(raw):
+    """The DATA frames of an HTTP/2 byte stream as (end offset, stream id, payload), and
+    whether the frames tile the whole stream."""
     pos = len(PREFACE) if raw.startswith(PREFACE) else 0
     frames = []
     while pos + 9 <= len(raw):
@@ -372,23 +366,12 @@ def http2_frames(raw):
         body = raw[pos + 9:pos + 9 + length]
         if len(body) < length:
             break
-        frames.append(Http2Frame(pos, pos + 9 + length, ftype, flags, sid, body))
         pos += 9 + length
-    return frames, pos == len(raw)
-
-
-def http2_data_frames(raw):
-    """The DATA frames of an HTTP/2 byte stream as (end offset, stream id, payload), and
-    whether the frames tile the whole stream."""
-    frames, complete = http2_frames(raw)
-    out = []
-    for f in frames:
-        if f.type == 0:  # DATA
-            body = f.body
-            if f.flags & 0x8:  # PADDED
+        if ftype == 0:  # DATA
+            if flags & 0x8:  # PADDED
                 body = body[1:len(body) - body[0]]
-            out.append((f.end, f.stream, body))
-    return out, complete
+            frames.append((pos, sid, body))
+    return frames, pos == len(raw)
 
 
 def join_streams(frames):

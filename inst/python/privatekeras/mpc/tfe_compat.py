@@ -322,16 +322,25 @@ def untruncated_products():
 EXACT = "_privatekeras_exact"
 
 
-def _lift(prot, x, bits):
-    """Private ``x`` times 2^bits: each share shifted left (exact in the ring)."""
+def map_shares(prot, x, fn):
+    """Private ``x`` with ``fn`` applied to each of its shares (a TFE backing tensor) by the
+    worker holding it, on that worker's device: for maps that are linear in the ring, so that
+    the results are shares of the mapped value."""
     import tensorflow as tf
 
     shares = [[None, None], [None, None], [None, None]]
     for i, pair in enumerate(x.unwrapped):
         with tf.device(prot.servers[i].device_name):
-            shares[i] = [s.factory.tensor(tf.bitwise.left_shift(s.value, tf.constant(
-                bits, s.value.dtype))) for s in pair]
+            shares[i] = [fn(s) for s in pair]
     return type(x)(prot, shares, x.is_scaled, x.share_type)
+
+
+def _lift(prot, x, bits):
+    """Private ``x`` times 2^bits: each share shifted left (exact in the ring)."""
+    import tensorflow as tf
+
+    return map_shares(prot, x, lambda s: s.factory.tensor(tf.bitwise.left_shift(
+        s.value, tf.constant(bits, s.value.dtype))))
 
 
 def add_bias(prot, y, bias):
@@ -466,22 +475,12 @@ def pad_private(prot, x, paddings):
     public zero tensor and adds it, dozens of ops."""
     import tensorflow as tf
 
-    shares = [[None, None], [None, None], [None, None]]
-    for i, pair in enumerate(x.unwrapped):
-        with tf.device(prot.servers[i].device_name):
-            shares[i] = [s.factory.tensor(tf.pad(s.value, paddings)) for s in pair]
-    return type(x)(prot, shares, x.is_scaled, x.share_type)
+    return map_shares(prot, x, lambda s: s.factory.tensor(tf.pad(s.value, paddings)))
 
 
 def sum_pool_private(prot, x, pool_size, strides):
     """:func:`sum_pool_nchw` of every share of private ``x`` (each worker on its own)."""
-    import tensorflow as tf
-
-    shares = [[None, None], [None, None], [None, None]]
-    for i, pair in enumerate(x.unwrapped):
-        with tf.device(prot.servers[i].device_name):
-            shares[i] = [sum_pool_nchw(s, pool_size, strides) for s in pair]
-    return type(x)(prot, shares, x.is_scaled, x.share_type)
+    return map_shares(prot, x, lambda s: sum_pool_nchw(s, pool_size, strides))
 
 
 # PRIVATEKERAS_FUSED_CARRY=0 keeps TF Encrypted's own carry circuit (for comparisons).
